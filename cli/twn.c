@@ -1,0 +1,42 @@
+/* twn.c — the multi-command binary: `twn <command> [options]`. */
+#include <stdio.h>
+#include <string.h>
+
+#include "cli/commands.h"
+
+typedef struct {
+    const char *name;
+    int (*run)(int argc, char **argv);
+    const char *help;
+} command;
+
+static const command commands[] = {
+    {"mkmodel", twn_cmd_mkmodel, "write a deterministic small TWN checkpoint in the real formats"},
+    {"inspect", twn_cmd_inspect, "print what a TWN checkpoint holds; refuse a broken one"},
+    {"embed", twn_cmd_embed, "embed a JSONL file of items with a TWN checkpoint"},
+    {"tokenize", twn_cmd_tokenize, "print the token ids of a text (tokenizer.json)"},
+};
+
+static void usage(FILE *f) {
+    fprintf(f, "twn %s — adaptive-reasoning multimodal embeddings (TWN) at fleet scale\n\n"
+               "usage: twn <command> [options]   (twn <command> --help for its options)\n\n",
+            TWN_VERSION);
+    for (size_t i = 0; i < sizeof commands / sizeof *commands; i++)
+        fprintf(f, "  %-10s %s\n", commands[i].name, commands[i].help);
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
+        usage(argc < 2 ? stderr : stdout);
+        return argc < 2 ? 2 : 0;
+    }
+    if (!strcmp(argv[1], "--version") || !strcmp(argv[1], "version")) {
+        printf("twn %s\n", TWN_VERSION);
+        return 0;
+    }
+    for (size_t i = 0; i < sizeof commands / sizeof *commands; i++)
+        if (!strcmp(argv[1], commands[i].name)) return commands[i].run(argc - 1, argv + 1);
+    fprintf(stderr, "twn: unknown command '%s'\n\n", argv[1]);
+    usage(stderr);
+    return 2;
+}
