@@ -11,10 +11,8 @@ typedef struct {
 } command;
 
 static const command commands[] = {
-    {"mkmodel", twn_cmd_mkmodel, "write a deterministic small TWN checkpoint in the real formats"},
-    {"inspect", twn_cmd_inspect, "print what a TWN checkpoint holds; refuse a broken one"},
-    {"embed", twn_cmd_embed, "embed a JSONL file of items with a TWN checkpoint"},
-    {"tokenize", twn_cmd_tokenize, "print the token ids of a text (tokenizer.json)"},
+    /* one line per command; keep alphabetical */
+    {"version", NULL, "print the version"},
 };
 
 static void usage(FILE *f) {
@@ -35,7 +33,8 @@ int main(int argc, char **argv) {
         return 0;
     }
     for (size_t i = 0; i < sizeof commands / sizeof *commands; i++)
-        if (!strcmp(argv[1], commands[i].name)) return commands[i].run(argc - 1, argv + 1);
+        if (!strcmp(argv[1], commands[i].name) && commands[i].run)
+            return commands[i].run(argc - 1, argv + 1);
     fprintf(stderr, "twn: unknown command '%s'\n\n", argv[1]);
     usage(stderr);
     return 2;
