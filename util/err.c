@@ -17,13 +17,17 @@ int twn_err_set(twn_err *err, const char *fmt, ...) {
 
 int twn_err_wrap(twn_err *err, const char *fmt, ...) {
     if (!err) return -1;
-    char prefix[TWN_ERR_MAX], old[TWN_ERR_MAX];
+    char prefix[TWN_ERR_MAX / 2], old[TWN_ERR_MAX];
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(prefix, sizeof prefix, fmt, ap);
     va_end(ap);
     memcpy(old, err->msg, sizeof old);
-    snprintf(err->msg, sizeof err->msg, "%s: %s", prefix, old);
+    /* Long chains are truncated at the end; the innermost detail is lost before the context. */
+    int n = snprintf(err->msg, sizeof err->msg, "%s: ", prefix);
+    if (n > 0 && (size_t)n < sizeof err->msg)
+        memcpy(err->msg + n, old, strnlen(old, sizeof err->msg - (size_t)n - 1) + 1),
+            err->msg[sizeof err->msg - 1] = 0;
     return -1;
 }
 
