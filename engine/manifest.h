@@ -91,6 +91,6 @@ typedef struct {
 int twn_manifest_load(const char *path, twn_manifest *m, twn_err *err);
 void twn_manifest_free(twn_manifest *m);
 /* The default manifest text that `twn mkmodel` writes (with the given max_think_tokens). */
-char *twn_manifest_default_json(int max_think_tokens);
+char *twn_manifest_default_json(int max_think_tokens, const char *gate_activation);
 
 #endif

@@ -10,7 +10,7 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
 PKGS=(
   build-essential cmake pkg-config git ca-certificates clang libclang-rt-14-dev
-  libopenblas-dev libjansson-dev libpcre2-dev libutf8proc-dev libzip-dev libcmocka-dev
+  libopenblas-dev libjansson-dev libpcre2-dev libutf8proc-dev libzip-dev libcmocka-dev libssl-dev
   nodejs npm python3
 )
 missing=()

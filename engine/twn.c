@@ -1,0 +1,664 @@
+/* twn.c — TWN inference: model loading and the continuous-batching scheduler (see twn.h and the
+ * semantics in manifest.h, which scripts/reference/twn_reference.py mirrors step for step). */
+#include "engine/twn.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine/cpu/ops.h"
+#include "engine/ptfile.h"
+#include "util/fileio.h"
+#include "util/mem.h"
+#include "util/vec.h"
+
+/* ------------------------------------------------------------------------------------------ */
+/* Loading */
+
+static float *pt_to_f32(const twn_tensor *t, twn_err *err) {
+    float *buf = twn_try_alloc((size_t)twn_tensor_numel(t) * sizeof(float) + 1);
+    if (!buf) {
+        twn_err_set(err, "cannot allocate %s", t->name);
+        return NULL;
+    }
+    if (twn_tensor_to_f32(t, buf, err)) {
+        twn_free(buf);
+        return NULL;
+    }
+    return buf;
+}
+
+/* Gate MLP: Linear layers "<prefix><i>.weight"/"<prefix><i>.bias" applied in index order. */
+static int load_gate(twn_model *m, twn_err *err) {
+    const char *path = m->man.gate_path;
+    twn_pt_file *pt = NULL;
+    if (twn_pt_load(path, &pt, err)) return -1;
+    int idx[TWN_MAX_GATE_LAYERS];
+    const twn_tensor *w[TWN_MAX_GATE_LAYERS] = {0}, *b[TWN_MAX_GATE_LAYERS] = {0};
+    int n = 0, rc = -1;
+    for (size_t i = 0; i < twn_pt_count(pt); i++) {
+        const twn_tensor *t = twn_pt_at(pt, i);
+        const char *nm = t->name, *dot = strrchr(nm, '.');
+        if (!dot || (strcmp(dot, ".weight") && strcmp(dot, ".bias"))) {
+            twn_err_set(err, "%s: unexpected key \"%s\"; the gate must be Linear layers "
+                        "\"<i>.weight\" / \"<i>.bias\"", path, nm);
+            goto out;
+        }
+        const char *p = dot;
+        while (p > nm && p[-1] >= '0' && p[-1] <= '9') p--;
+        if (p == dot) {
+            twn_err_set(err, "%s: key \"%s\" has no layer index before .weight/.bias", path, nm);
+            goto out;
+        }
+        int li = atoi(p), slot = -1;
+        for (int j = 0; j < n; j++)
+            if (idx[j] == li) slot = j;
+        if (slot < 0) {
+            if (n == TWN_MAX_GATE_LAYERS) {
+                twn_err_set(err, "%s: more than %d gate layers", path, TWN_MAX_GATE_LAYERS);
+                goto out;
+            }
+            slot = n++;
+            idx[slot] = li;
+        }
+        if (!strcmp(dot, ".weight")) w[slot] = t;
+        else b[slot] = t;
+    }
+    if (!n) {
+        twn_err_set(err, "%s: no gate layers found", path);
+        goto out;
+    }
+    for (int i = 0; i < n; i++) /* sort by layer index */
+        for (int j = i + 1; j < n; j++)
+            if (idx[j] < idx[i]) {
+                int ti = idx[i];
+                idx[i] = idx[j];
+                idx[j] = ti;
+                const twn_tensor *tw = w[i], *tb = b[i];
+                w[i] = w[j], b[i] = b[j], w[j] = tw, b[j] = tb;
+            }
+    int in = m->lm->H;
+    for (int i = 0; i < n; i++) {
+        if (!w[i] || w[i]->ndim != 2 || w[i]->shape[1] != in) {
+            twn_err_set(err, "%s: gate layer %d weight must be [out, %d]", path, idx[i], in);
+            goto out;
+        }
+        int out_f = (int)w[i]->shape[0];
+        if (b[i] && (b[i]->ndim != 1 || b[i]->shape[0] != out_f)) {
+            twn_err_set(err, "%s: gate layer %d bias must be [%d]", path, idx[i], out_f);
+            goto out;
+        }
+        m->gate[i].in = in;
+        m->gate[i].out = out_f;
+        if (!(m->gate[i].w = pt_to_f32(w[i], err))) goto out;
+        m->gate[i].b = twn_calloc((size_t)out_f, sizeof(float));
+        if (b[i] && twn_tensor_to_f32(b[i], m->gate[i].b, err)) goto out;
+        m->gate_params += (int64_t)out_f * in + (b[i] ? out_f : 0);
+        in = out_f;
+        m->n_gate = i + 1;
+    }
+    if (in != 1) {
+        twn_err_set(err, "%s: the last gate layer has %d outputs; expected 1 (a logit)", path, in);
+        goto out;
+    }
+    rc = 0;
+out:
+    if (rc) twn_err_wrap(err, "loading the gate");
+    twn_pt_free(pt);
+    return rc;
+}
+
+static int load_queries(twn_model *m, twn_err *err) {
+    const char *path = m->man.queries_path;
+    twn_pt_file *pt = NULL;
+    if (twn_pt_load(path, &pt, err)) return -1;
+    int rc = -1;
+    if (twn_pt_count(pt) != 1) {
+        twn_err_set(err, "%s: expected one tensor [K, %d], found %zu entries", path, m->lm->H,
+                    twn_pt_count(pt));
+        goto out;
+    }
+    const twn_tensor *t = twn_pt_at(pt, 0);
+    if (t->ndim != 2 || t->shape[1] != m->lm->H || t->shape[0] < 0 || t->shape[0] > 4096) {
+        char s[64];
+        twn_err_set(err, "%s: queries have shape %s; expected [K, %d] with K <= 4096", path,
+                    twn_shape_str(t, s, sizeof s), m->lm->H);
+        goto out;
+    }
+    m->K = (int)t->shape[0];
+    if (!(m->queries = pt_to_f32(t, err))) goto out;
+    rc = 0;
+out:
+    twn_pt_free(pt);
+    return rc;
+}
+
+int twn_model_load(const char *manifest_path, twn_model **out, twn_err *err) {
+    twn_model *m = twn_calloc(1, sizeof *m);
+    if (twn_manifest_load(manifest_path, &m->man, err)) {
+        twn_free(m);
+        return -1;
+    }
+    char *tokp = twn_path_join(m->man.base_dir, "tokenizer.json");
+    int rc = twn_tok_load(tokp, &m->tok, err);
+    twn_free(tokp);
+    if (rc || twn_lm_load(m->man.base_dir, &m->lm, err) ||
+        twn_adapter_load(m->man.embedding_dir, "embedding", &m->embedding, err) ||
+        twn_adapter_load(m->man.reasoning_dir, "reasoning", &m->reasoning, err) ||
+        twn_lm_attach_adapter(m->lm, m->embedding, &m->emb_idx, err) ||
+        twn_lm_attach_adapter(m->lm, m->reasoning, &m->rsn_idx, err) || load_gate(m, err) ||
+        load_queries(m, err))
+        goto fail;
+    if (m->man.pooling == TWN_POOL_QUERY_MEAN && m->K == 0) {
+        twn_err_set(err, "%s: pooling query_mean needs at least one query in %s", m->man.path,
+                    m->man.queries_path);
+        goto fail;
+    }
+    for (int i = 0; i < m->man.n_stop; i++) {
+        twn_ivec ids = {0};
+        if (twn_tok_encode(m->tok, m->man.stop[i], strlen(m->man.stop[i]), &ids, err)) goto fail;
+        m->stop_ids[i] = ids.n == 1 ? ids.v[0] : -1;
+        twn_ivec_free(&ids);
+    }
+    m->pool_token_id = -1;
+    if (m->man.pooling == TWN_POOL_TOKEN) {
+        m->pool_token_id = twn_tok_id(m->tok, m->man.pool_token);
+        if (m->pool_token_id < 0) {
+            twn_err_set(err, "%s: pooling token \"%s\" is not a single token of the tokenizer",
+                        m->man.path, m->man.pool_token);
+            goto fail;
+        }
+    }
+    *out = m;
+    return 0;
+fail:
+    twn_err_wrap(err, "loading TWN model %s", manifest_path);
+    twn_model_free(m);
+    return -1;
+}
+
+void twn_model_free(twn_model *m) {
+    if (!m) return;
+    twn_lm_free(m->lm);
+    twn_adapter_free(m->embedding);
+    twn_adapter_free(m->reasoning);
+    twn_tok_free(m->tok);
+    twn_free(m->queries);
+    for (int i = 0; i < m->n_gate; i++) {
+        twn_free(m->gate[i].w);
+        twn_free(m->gate[i].b);
+    }
+    twn_manifest_free(&m->man);
+    twn_free(m);
+}
+
+int twn_model_dim(const twn_model *m) { return m->lm->H; }
+
+void twn_opts_default(twn_opts *o) {
+    o->mode = TWN_MODE_ADAPTIVE;
+    o->budget = 1.0;
+    o->max_step_rows = 2048;
+    o->max_active = 64;
+    o->max_prompt_tokens = 32768;
+}
+
+int twn_mode_parse(const char *s, twn_opts *o, twn_err *err) {
+    if (!strcmp(s, "adaptive")) o->mode = TWN_MODE_ADAPTIVE;
+    else if (!strcmp(s, "never")) o->mode = TWN_MODE_NEVER;
+    else if (!strcmp(s, "always")) o->mode = TWN_MODE_ALWAYS;
+    else if (!strncmp(s, "budget=", 7)) {
+        char *end;
+        double f = strtod(s + 7, &end);
+        if (end == s + 7 || *end || !(f >= 0 && f <= 1))
+            return twn_err_set(err, "mode \"%s\": the budget must be a fraction in [0, 1], "
+                               "e.g. budget=0.3", s);
+        o->mode = TWN_MODE_BUDGET;
+        o->budget = f;
+    } else
+        return twn_err_set(err, "mode \"%s\": expected adaptive, never, always or budget=F", s);
+    return 0;
+}
+
+void twn_result_free(twn_result *r) {
+    twn_free(r->embedding);
+    twn_free(r->cot_ids);
+    twn_free(r->cot);
+    twn_free(r->error);
+    memset(r, 0, sizeof *r);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Prompts */
+
+static void render(const twn_model *m, const char *tpl, const twn_item *it, twn_str *out) {
+    const char *instr = it->instruction ? it->instruction : m->man.default_instruction;
+    for (const char *p = tpl; *p;) {
+        if (!strncmp(p, "{instruction}", 13)) {
+            twn_str_puts(out, instr ? instr : "");
+            p += 13;
+        } else if (!strncmp(p, "{images}", 8)) {
+            for (int i = 0; i < it->n_images; i++) twn_str_puts(out, m->man.tpl_image);
+            p += 8;
+        } else if (!strncmp(p, "{text}", 6)) {
+            twn_str_puts(out, it->text ? it->text : "");
+            p += 6;
+        } else {
+            twn_str_append(out, p, 1);
+            p++;
+        }
+    }
+}
+
+int twn_render_ids(const twn_model *m, const char *tpl, const twn_item *it, twn_ivec *out,
+                   twn_err *err) {
+    twn_str s = {0};
+    render(m, tpl, it, &s);
+    int rc = twn_tok_encode(m->tok, s.v ? s.v : "", s.n, out, err);
+    twn_str_free(&s);
+    return rc;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* The scheduler */
+
+typedef enum { ST_GATE, ST_GATED, ST_REASON, ST_DECODE, ST_EMBED_COT, ST_DONE } state;
+
+typedef struct {
+    state st;
+    twn_kv kv;
+    bool kv_live;
+    twn_ivec ids;   /* the rows this task feeds in its next prefill (queries excluded) */
+    int n_queries;  /* query rows appended after ids in that prefill */
+    int32_t next;   /* decode: the token to feed */
+    twn_ivec cot;   /* generated ids */
+    float p;        /* p_think */
+    bool hard;
+    float *hidden;  /* [rows, H] of the last prefill */
+    float *logits;  /* [V] */
+} task;
+
+static double act(twn_activation a, double x) {
+    switch (a) {
+    case TWN_ACT_GELU: return 0.5 * x * (1.0 + erf(x / sqrt(2.0)));
+    case TWN_ACT_GELU_TANH:
+        return 0.5 * x * (1.0 + tanh(sqrt(2.0 / M_PI) * (x + 0.044715 * x * x * x)));
+    case TWN_ACT_RELU: return x > 0 ? x : 0;
+    case TWN_ACT_SILU: return x / (1.0 + exp(-x));
+    case TWN_ACT_TANH: return tanh(x);
+    }
+    return x;
+}
+
+static float gate_prob(const twn_model *m, const float *e0) {
+    int H = m->lm->H;
+    float *cur = twn_malloc(sizeof(float) * (size_t)H), *nxt = NULL;
+    memcpy(cur, e0, sizeof(float) * (size_t)H);
+    if (m->man.gate_input_normalized) twn_cpu_l2_normalize(cur, H, 1e-12f);
+    for (int l = 0; l < m->n_gate; l++) {
+        int in = m->gate[l].in, out = m->gate[l].out;
+        nxt = twn_malloc(sizeof(float) * (size_t)out);
+        for (int o = 0; o < out; o++) {
+            float s = 0.f;
+            const float *w = m->gate[l].w + (size_t)o * in;
+            for (int i = 0; i < in; i++) s += w[i] * cur[i];
+            s += m->gate[l].b[o];
+            nxt[o] = l + 1 < m->n_gate ? (float)act(m->man.gate_activation, s) : s;
+        }
+        twn_free(cur);
+        cur = nxt;
+    }
+    float p = 1.0f / (1.0f + expf(-cur[0]));
+    twn_free(cur);
+    return p;
+}
+
+/* Pools the final-norm hidden rows of a prefill (manifest "pooling") into out[H]. */
+static void pool(const twn_model *m, const task *t, int rows, float *out) {
+    int H = m->lm->H;
+    const float *h = t->hidden;
+    if (m->man.pooling == TWN_POOL_QUERY_MEAN) {
+        memset(out, 0, sizeof(float) * (size_t)H);
+        for (int r = rows - m->K; r < rows; r++)
+            for (int i = 0; i < H; i++) out[i] += h[(size_t)r * H + i];
+        for (int i = 0; i < H; i++) out[i] /= (float)m->K;
+        return;
+    }
+    int row = rows - 1;
+    if (m->man.pooling == TWN_POOL_TOKEN)
+        for (int r = (int)t->ids.n - 1; r >= 0; r--)
+            if (t->ids.v[r] == m->pool_token_id) {
+                row = r;
+                break;
+            }
+    memcpy(out, h + (size_t)row * H, sizeof(float) * (size_t)H);
+}
+
+typedef struct {
+    float l;
+    int i;
+} cand;
+
+static int cand_desc(const void *a, const void *b) {
+    float x = ((const cand *)a)->l, y = ((const cand *)b)->l;
+    int i = ((const cand *)a)->i, j = ((const cand *)b)->i;
+    return x < y ? 1 : x > y ? -1 : (i > j) - (i < j);
+}
+
+/* Argmax (first maximum, as torch.argmax) or seeded sampling per the manifest. */
+static int32_t pick(const twn_model *m, const float *logits, int V, uint64_t *rng) {
+    if (m->man.temperature <= 0) {
+        int best = 0;
+        for (int i = 1; i < V; i++)
+            if (logits[i] > logits[best]) best = i;
+        return best;
+    }
+    /* temperature + top-k + top-p over a sorted copy; xorshift for the draw. */
+    cand *c = twn_malloc(sizeof(cand) * (size_t)V);
+    for (int i = 0; i < V; i++) c[i] = (cand){logits[i] / (float)m->man.temperature, i};
+    int n = V;
+    qsort(c, (size_t)V, sizeof(cand), cand_desc);
+    if (m->man.top_k > 0 && m->man.top_k < n) n = m->man.top_k;
+    double sum = 0, mx = c[0].l;
+    for (int i = 0; i < n; i++) sum += exp(c[i].l - mx);
+    double acc = 0;
+    int keep = n;
+    for (int i = 0; i < n; i++) {
+        acc += exp(c[i].l - mx) / sum;
+        if (acc >= m->man.top_p) {
+            keep = i + 1;
+            break;
+        }
+    }
+    double z = 0;
+    for (int i = 0; i < keep; i++) z += exp(c[i].l - mx);
+    *rng ^= *rng << 13, *rng ^= *rng >> 7, *rng ^= *rng << 17;
+    double u = (double)(*rng >> 11) * 0x1.0p-53 * z, a = 0;
+    int chosen = c[keep - 1].i;
+    for (int i = 0; i < keep; i++) {
+        a += exp(c[i].l - mx);
+        if (u < a) {
+            chosen = c[i].i;
+            break;
+        }
+    }
+    twn_free(c);
+    return chosen;
+}
+
+/* Applies one generated token; returns true when the CoT is finished. */
+static bool cot_step(const twn_model *m, task *t, int32_t tok, twn_result *r) {
+    r->think_tokens++;
+    for (int i = 0; i < m->man.n_stop; i++)
+        if (m->stop_ids[i] >= 0 && tok == m->stop_ids[i]) return true;
+    twn_ivec_push(&t->cot, tok);
+    for (int i = 0; i < m->man.n_stop; i++) {
+        if (m->stop_ids[i] >= 0) continue;
+        twn_str s = {0};
+        twn_tok_decode(m->tok, t->cot.v, t->cot.n, false, &s, NULL);
+        bool hit = s.v && strstr(s.v, m->man.stop[i]);
+        twn_str_free(&s);
+        if (!hit) continue;
+        /* drop the fewest trailing tokens whose text contains the stop string */
+        for (size_t k = 1; k <= t->cot.n; k++) {
+            twn_str tail = {0};
+            twn_tok_decode(m->tok, t->cot.v + t->cot.n - k, k, false, &tail, NULL);
+            bool in = tail.v && strstr(tail.v, m->man.stop[i]);
+            twn_str_free(&tail);
+            if (in) {
+                t->cot.n -= k;
+                break;
+            }
+        }
+        return true;
+    }
+    return (int)r->think_tokens >= m->man.max_think_tokens;
+}
+
+static void fail_item(twn_result *r, task *t, const char *what, const twn_err *e) {
+    char buf[TWN_ERR_MAX + 64];
+    snprintf(buf, sizeof buf, "%s: %s", what, e->msg);
+    r->error = twn_strdup(buf);
+    t->st = ST_DONE;
+}
+
+static int prepare_embed_cot(const twn_model *m, const twn_item *it, task *t, twn_err *e) {
+    const char *tpl = m->man.tpl_embed_cot, *at = strstr(tpl, "{cot}");
+    char *pre = twn_strndup(tpl, (size_t)(at - tpl));
+    t->ids.n = 0;
+    int rc = twn_render_ids(m, pre, it, &t->ids, e);
+    twn_free(pre);
+    if (rc) return -1;
+    twn_ivec_append(&t->ids, t->cot.v, t->cot.n);
+    return twn_render_ids(m, at + 5, it, &t->ids, e);
+}
+
+int twn_embed_items(const twn_model *m, const twn_item *items, int n, const twn_opts *o,
+                    twn_result *res, twn_err *err) {
+    const twn_lm *lm = m->lm;
+    const int H = lm->H;
+    task *tasks = twn_calloc((size_t)(n ? n : 1), sizeof *tasks);
+    twn_lm_seq *seqs = twn_calloc((size_t)(n ? n : 1), sizeof *seqs);
+    int *who = twn_calloc((size_t)(n ? n : 1), sizeof *who);
+    float *qrows = NULL;
+    int rc = -1, done = 0;
+    twn_err e;
+
+    for (int i = 0; i < n; i++) {
+        memset(&res[i], 0, sizeof res[i]);
+        res[i].dim = H;
+        res[i].p_think = NAN;
+        task *t = &tasks[i];
+        if (items[i].n_images > 0) {
+            twn_err_set(&e, "item has %d image(s); image input arrives with engine part 2 "
+                        "(issue 3) and this build reads text only", items[i].n_images);
+            fail_item(&res[i], t, "image", &e);
+        } else if (twn_render_ids(m, m->man.tpl_embed, &items[i], &t->ids, &e))
+            fail_item(&res[i], t, "tokenizing the prompt", &e);
+        else if ((int)t->ids.n + m->K > o->max_prompt_tokens) {
+            twn_err_set(&e, "prompt is %zu tokens; the limit is %d", t->ids.n + (size_t)m->K,
+                        o->max_prompt_tokens);
+            fail_item(&res[i], t, "prompt", &e);
+        } else {
+            t->st = ST_GATE;
+            t->n_queries = m->K;
+        }
+        if (t->st == ST_DONE) done++;
+    }
+
+    while (done < n) {
+        /* Budget mode decides once every item of the window has its p_think. */
+        int waiting = 0, gating = 0;
+        for (int i = 0; i < n; i++) {
+            waiting += tasks[i].st == ST_GATED;
+            gating += tasks[i].st == ST_GATE;
+        }
+        if (waiting && (o->mode != TWN_MODE_BUDGET || !gating)) {
+            int quota = 0;
+            if (o->mode == TWN_MODE_BUDGET) {
+                int scored = 0;
+                for (int i = 0; i < n; i++) scored += !res[i].error;
+                quota = (int)ceil(o->budget * scored - 1e-9);
+            }
+            for (int i = 0; i < n; i++) {
+                task *t = &tasks[i];
+                if (t->st != ST_GATED) continue;
+                bool hard = o->mode == TWN_MODE_ALWAYS ||
+                            (o->mode == TWN_MODE_ADAPTIVE && t->p >= m->man.threshold);
+                if (o->mode == TWN_MODE_BUDGET) { /* rank: higher p first, then item order */
+                    int better = 0;
+                    for (int j = 0; j < n; j++)
+                        if (!res[j].error && j != i &&
+                            (tasks[j].p > t->p || (tasks[j].p == t->p && j < i)))
+                            better++;
+                    hard = better < quota;
+                }
+                res[i].hard = t->hard = hard;
+                if (!hard) {
+                    t->st = ST_DONE;
+                    done++;
+                    continue;
+                }
+                t->ids.n = 0;
+                if (twn_render_ids(m, m->man.tpl_reason, &items[i], &t->ids, &e)) {
+                    fail_item(&res[i], t, "tokenizing the reasoning prompt", &e);
+                    twn_free(res[i].embedding);
+                    res[i].embedding = NULL;
+                    done++;
+                    continue;
+                }
+                t->st = ST_REASON;
+                t->n_queries = 0;
+            }
+            continue;
+        }
+
+        /* Build one step: decodes first (they are one row each and hold KV), then prefills. */
+        int ns = 0, rows = 0, active = 0;
+        for (int i = 0; i < n; i++) active += tasks[i].st == ST_DECODE;
+        for (int pass = 0; pass < 2; pass++)
+            for (int i = 0; i < n; i++) {
+                task *t = &tasks[i];
+                bool dec = t->st == ST_DECODE;
+                bool pre = t->st == ST_GATE || t->st == ST_REASON || t->st == ST_EMBED_COT;
+                if ((pass == 0 && !dec) || (pass == 1 && !pre)) continue;
+                int need = dec ? 1 : (int)t->ids.n + t->n_queries;
+                if (pre && t->st == ST_REASON && active >= o->max_active) continue;
+                if (rows && rows + need > o->max_step_rows) continue;
+                if (pre && t->st == ST_REASON) active++;
+                if (!t->kv_live) {
+                    twn_kv_init(&t->kv, lm);
+                    t->kv_live = true;
+                }
+                twn_lm_seq *s = &seqs[ns];
+                memset(s, 0, sizeof *s);
+                s->kv = &t->kv;
+                if (dec) {
+                    s->n = 1;
+                    s->ids = &t->next;
+                    s->adapter = m->rsn_idx;
+                    if (!t->logits) t->logits = twn_malloc(sizeof(float) * (size_t)lm->V);
+                    s->logits = t->logits;
+                } else {
+                    s->n = need;
+                    /* ids followed by K query rows (TWN_TOKEN_EMBED) */
+                    int32_t *ids = twn_malloc(sizeof(int32_t) * (size_t)need);
+                    memcpy(ids, t->ids.v, sizeof(int32_t) * t->ids.n);
+                    for (int q = 0; q < t->n_queries; q++) ids[t->ids.n + q] = TWN_TOKEN_EMBED;
+                    s->ids = ids;
+                    if (t->n_queries) {
+                        float *emb = twn_calloc((size_t)need * H, sizeof(float));
+                        memcpy(emb + t->ids.n * (size_t)H, m->queries,
+                               sizeof(float) * (size_t)t->n_queries * H);
+                        s->embeds = emb;
+                    }
+                    s->adapter = t->st == ST_REASON ? m->rsn_idx : m->emb_idx;
+                    if (t->st == ST_REASON) {
+                        if (!t->logits) t->logits = twn_malloc(sizeof(float) * (size_t)lm->V);
+                        s->logits = t->logits;
+                    } else {
+                        twn_free(t->hidden);
+                        t->hidden = twn_malloc(sizeof(float) * (size_t)need * H);
+                        s->hidden = t->hidden;
+                    }
+                }
+                who[ns++] = i;
+                rows += need;
+            }
+        if (!ns) {
+            twn_err_set(err, "scheduler made no progress (%d of %d items done)", done, n);
+            goto out;
+        }
+        int frc = twn_lm_forward(lm, seqs, ns, NULL, NULL, &e);
+        for (int s = 0; s < ns; s++) {
+            task *t = &tasks[who[s]];
+            if (t->st != ST_DECODE) {
+                twn_free((void *)seqs[s].ids);
+                twn_free((void *)seqs[s].embeds);
+            }
+        }
+        if (frc) {
+            *err = e;
+            goto out;
+        }
+
+        for (int s = 0; s < ns; s++) {
+            int i = who[s];
+            task *t = &tasks[i];
+            twn_result *r = &res[i];
+            uint64_t rng = m->man.seed ^ (0x9e3779b97f4a7c15ull * (uint64_t)(i + 1)) ^
+                           (uint64_t)r->think_tokens;
+            switch (t->st) {
+            case ST_GATE: {
+                r->embedding = twn_malloc(sizeof(float) * (size_t)H);
+                pool(m, t, seqs[s].n, r->embedding);
+                t->p = r->p_think = gate_prob(m, r->embedding);
+                if (m->man.normalize) twn_cpu_l2_normalize(r->embedding, H, 1e-12f);
+                twn_kv_free(&t->kv);
+                t->kv_live = false;
+                if (o->mode == TWN_MODE_NEVER) {
+                    r->p_think = NAN;
+                    t->st = ST_DONE;
+                    done++;
+                } else
+                    t->st = ST_GATED;
+                break;
+            }
+            case ST_REASON:
+            case ST_DECODE: {
+                int32_t tok = pick(m, t->logits, lm->V, &rng);
+                if (m->man.max_think_tokens == 0 || cot_step(m, t, tok, r)) {
+                    twn_kv_free(&t->kv);
+                    t->kv_live = false;
+                    if (prepare_embed_cot(m, &items[i], t, &e)) {
+                        fail_item(r, t, "tokenizing the embedding prompt", &e);
+                        done++;
+                        break;
+                    }
+                    t->st = ST_EMBED_COT;
+                    t->n_queries = m->K;
+                } else {
+                    t->next = tok;
+                    t->st = ST_DECODE;
+                }
+                break;
+            }
+            case ST_EMBED_COT: {
+                pool(m, t, seqs[s].n, r->embedding);
+                if (m->man.normalize) twn_cpu_l2_normalize(r->embedding, H, 1e-12f);
+                twn_kv_free(&t->kv);
+                t->kv_live = false;
+                r->n_cot = (int)t->cot.n;
+                r->cot_ids = twn_malloc(sizeof(int32_t) * (t->cot.n + 1));
+                memcpy(r->cot_ids, t->cot.v, sizeof(int32_t) * t->cot.n);
+                twn_str s2 = {0};
+                twn_tok_decode(m->tok, t->cot.v, t->cot.n, false, &s2, NULL);
+                r->cot = s2.v ? s2.v : twn_strdup("");
+                t->st = ST_DONE;
+                done++;
+                break;
+            }
+            default: break;
+            }
+        }
+    }
+    rc = 0;
+out:
+    for (int i = 0; i < n; i++) {
+        task *t = &tasks[i];
+        if (t->kv_live) twn_kv_free(&t->kv);
+        twn_ivec_free(&t->ids);
+        twn_ivec_free(&t->cot);
+        twn_free(t->hidden);
+        twn_free(t->logits);
+        if (rc == 0 && res[i].error) {
+            twn_free(res[i].embedding);
+            res[i].embedding = NULL;
+        }
+    }
+    twn_free(qrows);
+    twn_free(tasks);
+    twn_free(seqs);
+    twn_free(who);
+    return rc;
+}

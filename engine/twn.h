@@ -1,0 +1,92 @@
+/* twn.h — TWN inference: gate pass, routing, chain-of-thought, embedding pass (DESIGN §2).
+ *
+ * twn_embed_items runs a set of items through one continuous-batching loop.  Every step is one
+ * ragged forward (lm.h) that may mix gate prefills (embedding adapter), CoT prefills and decode
+ * steps (reasoning adapter) and CoT-conditioned embedding passes (embedding adapter): items enter
+ * and leave the step set independently, so a long CoT never holds up easy items.
+ *
+ * Per-item failures (an over-long prompt, text the tokenizer refuses, an image this build cannot
+ * read) are reported in that item's result and do not stop the others. */
+#ifndef TWN_ENGINE_TWN_H
+#define TWN_ENGINE_TWN_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "engine/adapter.h"
+#include "engine/lm.h"
+#include "engine/manifest.h"
+#include "engine/tokenizer.h"
+#include "util/err.h"
+
+#define TWN_MAX_GATE_LAYERS 8
+
+typedef struct {
+    twn_manifest man;
+    twn_lm *lm;
+    twn_adapter *embedding, *reasoning;
+    int emb_idx, rsn_idx;
+    twn_tokenizer *tok;
+    float *queries; /* [K, H] */
+    int K;
+    struct {
+        float *w, *b; /* [out, in], [out] */
+        int in, out;
+    } gate[TWN_MAX_GATE_LAYERS];
+    int n_gate;
+    int64_t gate_params;
+    int32_t stop_ids[TWN_MAX_STOPS]; /* token id when the stop string is one token, else -1 */
+    int32_t pool_token_id;
+    bool has_vision_weights;
+} twn_model;
+
+typedef enum { TWN_MODE_ADAPTIVE, TWN_MODE_NEVER, TWN_MODE_ALWAYS, TWN_MODE_BUDGET } twn_mode;
+
+typedef struct {
+    twn_mode mode;
+    double budget;     /* TWN_MODE_BUDGET: fraction of items that may think */
+    int max_step_rows; /* rows (tokens) per forward step; prompts longer than this run alone */
+    int max_active;    /* sequences decoding at once (bounds KV memory) */
+    int max_prompt_tokens; /* longer prompts fail the item */
+} twn_opts;
+
+void twn_opts_default(twn_opts *o);
+/* "adaptive" | "never" | "always" | "budget=F" (0 <= F <= 1). */
+int twn_mode_parse(const char *s, twn_opts *o, twn_err *err);
+
+typedef struct {
+    const char *id;
+    const char *text;        /* may be NULL */
+    const char *instruction; /* NULL: the manifest's default_instruction */
+    const char *const *images;
+    int n_images;
+} twn_item;
+
+typedef struct {
+    float *embedding; /* [dim], owned; NULL when the item failed */
+    int dim;
+    bool hard;
+    float p_think;    /* NaN in mode never */
+    int think_tokens; /* tokens decoded for the CoT (including the stop token) */
+    int32_t *cot_ids;
+    int n_cot;
+    char *cot;   /* decoded CoT text */
+    char *error; /* why the item failed, or NULL */
+} twn_result;
+
+int twn_model_load(const char *manifest_path, twn_model **out, twn_err *err);
+void twn_model_free(twn_model *m);
+int twn_model_dim(const twn_model *m);
+
+/* Fills res[0..n) (zero them first or reuse after twn_result_free).  Returns -1 only for failures
+ * that are not any one item's fault (out of memory, a broken model); per-item failures are in
+ * res[i].error. */
+int twn_embed_items(const twn_model *m, const twn_item *items, int n, const twn_opts *o,
+                    twn_result *res, twn_err *err);
+void twn_result_free(twn_result *r);
+
+/* Token ids of a template rendered for an item (exposed for tests and `twn inspect`). */
+int twn_render_ids(const twn_model *m, const char *tpl, const twn_item *it, twn_ivec *out,
+                   twn_err *err);
+
+#endif
