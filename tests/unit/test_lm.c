@@ -140,10 +140,10 @@ static void test_kv_decode_equals_recompute(void **st) {
     }
     assert_int_equal(kv.len, n);
     assert_int_equal(kv.next_pos, n);
-    double rel = tu_max_rel(step, full, (size_t)n * H, 1e-3);
+    double rel = tu_max_rel(step, full, (size_t)n * H, 1.0);
     printf("kv decode vs recompute: max rel %.3g\n", rel);
     assert_true(rel < 1e-4);
-    assert_true(tu_max_rel(logit, logit_full, V, 1e-3) < 1e-4);
+    assert_true(tu_max_rel(logit, logit_full, V, 1.0) < 1e-5);
     twn_kv_free(&kv);
     twn_free(full);
     twn_free(step);
@@ -166,10 +166,10 @@ static void test_ragged_batch_equals_singles(void **st) {
     twn_err e;
     assert_int_equal(twn_lm_forward(lm, s, 4, NULL, NULL, &e), 0);
     for (int i = 0; i < 4; i++) {
-        double rel = tu_max_rel(batch[i], single[i], (size_t)lens[i] * H, 1e-3);
+        double rel = tu_max_rel(batch[i], single[i], (size_t)lens[i] * H, 1.0);
         printf("seq %d (len %d): batch vs single max rel %.3g\n", i, lens[i], rel);
         assert_true(rel < 1e-5);
-        assert_true(tu_max_rel(lb[i], ls[i], V, 1e-3) < 1e-5);
+        assert_true(tu_max_rel(lb[i], ls[i], V, 1.0) < 1e-5);
         twn_kv_free(&kv[i]);
         twn_free(single[i]);
         twn_free(batch[i]);
@@ -191,7 +191,7 @@ static void test_chunked_prefill(void **st) {
         assert_int_equal(twn_lm_forward(lm, &s, 1, NULL, NULL, &e), 0);
         a += m;
     }
-    assert_true(tu_max_rel(chunk, full, (size_t)n * H, 1e-3) < 1e-4);
+    assert_true(tu_max_rel(chunk, full, (size_t)n * H, 1.0) < 1e-5);
     twn_kv_free(&kv);
     twn_free(full);
     twn_free(chunk);
@@ -243,11 +243,11 @@ static void test_per_row_lora(void **st) {
     }
     assert_int_equal(twn_lm_forward(lm, s, 4, NULL, NULL, &e), 0);
     for (int i = 0; i < 4; i++) {
-        double r1 = tu_max_rel(mixed[i], alone[i], (size_t)lens[i] * H, 1e-3);
-        double r2 = tu_max_rel(mixed[i], merge[i], (size_t)lens[i] * H, 1e-3);
+        double r1 = tu_max_rel(mixed[i], alone[i], (size_t)lens[i] * H, 1.0);
+        double r2 = tu_max_rel(mixed[i], merge[i], (size_t)lens[i] * H, 1.0);
         printf("seq %d adapter %d: mixed vs alone %.3g, vs merged weights %.3g\n", i, ad[i], r1, r2);
         assert_true(r1 < 1e-5);
-        assert_true(r2 < 1e-3); /* merging rounds W + sBA in fp32: not bit-exact by design */
+        assert_true(r2 < 1e-4); /* merging rounds W + sBA in fp32: not bit-exact by design */
         twn_kv_free(&kv[i]);
         twn_free(mixed[i]);
         twn_free(alone[i]);
