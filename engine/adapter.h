@@ -4,7 +4,7 @@
  * instead of alpha/r), target_modules as a list (module name equals an entry or ends with
  * "."+entry), a regex string (full match, PCRE2) or "all-linear" (every Linear except lm_head),
  * exclude_modules, rank_pattern / alpha_pattern (key matches via (.*\.)?(key)$), fan_in_fan_out
- * (weights transposed on load), bias "none", and embedding LoRA on embed_tokens
+ * (accepted and ignored: it describes Conv1D base weights; PEFT saves A [r,in] / B [out,r] either way), bias "none", and embedding LoRA on embed_tokens
  * (lora_embedding_A [r, vocab], lora_embedding_B [hidden, r]).
  *
  * Refused by name, with the file: use_dora, lora_bias, bias != "none", layer_replication,
@@ -45,6 +45,9 @@ typedef struct {
     twn_lora *loras;
     int n_loras;
     int64_t n_params; /* sum of A and B element counts */
+    /* module -> index into loras, built by twn_adapter_load.  NULL in an adapter built by
+     * hand, where twn_adapter_find falls back to a linear scan. */
+    struct twn_strmap *index;
 } twn_adapter;
 
 /* Loads dir/adapter_config.json and dir/adapter_model.safetensors. */
