@@ -12,6 +12,7 @@ typedef struct {
 
 static const command commands[] = {
     /* one line per command; keep alphabetical */
+    {"mkmodel", twn_cmd_mkmodel, "write a deterministic random TWN checkpoint"},
     {"version", NULL, "print the version"},
 };
 

@@ -7,7 +7,10 @@
  * Validation on open (any failure = one error naming the file and the problem): header length
  * within the file and <= 100 MB, header is a JSON object, every dtype known, every dim >= 0,
  * offsets sorted without gaps or overlap (begin == previous end), end - begin == numel * dtype
- * size (overflow-checked), and the last end == buffer length. */
+ * size (overflow-checked), and the last end == buffer length.  Views are aligned to their dtype
+ * size: a legal but oddly laid-out file whose tensor would sit misaligned gets that tensor copied
+ * into an aligned buffer owned by the twn_st_file (files from this writer or from safetensors
+ * never need it). */
 #ifndef TWN_ENGINE_SAFETENSORS_H
 #define TWN_ENGINE_SAFETENSORS_H
 
@@ -19,6 +22,10 @@
 typedef struct twn_st_file twn_st_file;
 
 int twn_st_open(const char *path, twn_st_file **out, twn_err *err);
+/* The same validation over bytes in memory, which are borrowed (they must outlive the file);
+ * name is used in messages and returned by twn_st_path.  This is the fuzzing entry point. */
+int twn_st_open_mem(const void *data, size_t len, const char *name, twn_st_file **out,
+                    twn_err *err);
 void twn_st_close(twn_st_file *f);
 const char *twn_st_path(const twn_st_file *f);
 size_t twn_st_count(const twn_st_file *f);
@@ -40,9 +47,10 @@ const twn_tensor *twn_st_set_find(const twn_st_set *s, const char *name);
 /* The file (path) a tensor came from, for error messages. */
 const char *twn_st_set_file_of(const twn_st_set *s, const char *name);
 
-/* Writer: collects tensors (data is copied) and writes one file atomically, header padded with
- * spaces to a multiple of 8 bytes, tensors laid out in name order (the order transformers
- * produces does not matter to readers). */
+/* Writer: collects tensors (data is copied) and streams one file atomically (tmp file, fsync,
+ * rename), header padded with spaces to a multiple of 8 bytes.  Tensors are laid out by dtype
+ * size, largest first, then by name (as safetensors' own writer does), so every tensor starts
+ * aligned to its dtype; readers never depend on the order. */
 typedef struct twn_st_writer twn_st_writer;
 
 twn_st_writer *twn_st_writer_new(void);
