@@ -660,7 +660,7 @@ static int persistent_load(vm *m, pv *pid) {
 
 /* MARK ... TUPLE / LIST / DICT. */
 static int collect(vm *m, vkind k) {
-    size_t base;
+    size_t base = 0;
     if (pop_mark(m, &base) < 0) return -1;
     if (k == V_DICT && (m->sp - base) % 2) return vm_fail(m, "DICT with an odd number of items");
     pv *c = vm_new(m, k);
@@ -673,7 +673,7 @@ static int collect(vm *m, vkind k) {
 
 /* APPENDS / SETITEMS / ADDITEMS: moves the items above the MARK into the container below it. */
 static int extend(vm *m, vkind k, const char *op) {
-    size_t base;
+    size_t base = 0;
     if (pop_mark(m, &base) < 0) return -1;
     if (base <= fence(m)) return vm_fail(m, "%s with no container below its MARK", op);
     pv *c = m->stack[base - 1];
@@ -824,7 +824,7 @@ static int op_pop(vm *m) {
 }
 
 static int op_pop_mark(vm *m) {
-    size_t base;
+    size_t base = 0;
     if (pop_mark(m, &base) < 0) return -1;
     m->sp = base;
     return 0;
@@ -1200,7 +1200,7 @@ void twn_pt_free(twn_pt_file *f) {
 /* Runs data.pkl (or `pkl`) and materializes the tensors; z->za is open, z->prefix unset. */
 static int load_archive(pt_zip *z, const void *pkl, size_t pkl_len, twn_pt_file **out,
                         twn_err *err) {
-    zip_uint64_t pkl_idx;
+    zip_uint64_t pkl_idx = 0;
     if (find_data_pkl(z, &pkl_idx, err) < 0 || check_byteorder(z, err) < 0) return -1;
     uint8_t *own = NULL;
     if (!pkl) {
