@@ -491,6 +491,26 @@ class TestPtZip(unittest.TestCase):
             self.assertEqual(C.pt_zip_facts(p3), {"zip": False, "entries": []})
 
 
+class TestSafetensorsWriter(unittest.TestCase):
+    def test_roundtrip(self):
+        import struct
+        ents = [("item.0.cot_ids", "I64", [0], b""), ("item.1.cot_ids", "I64", [0], b""),
+                ("x", "F32", [2], struct.pack("<2f", 1.5, -2.0)), ("b", "BF16", [1, 1], b"\x80\x3f")]
+        buf = C.safetensors_serialize(ents, {"format": "twn-golden/1", "items": '["é"]'})
+        (n,) = struct.unpack("<Q", buf[:8])
+        self.assertEqual((8 + n) % 8, 0)
+        meta, t = C.safetensors_parse(buf)
+        self.assertEqual(meta, {"format": "twn-golden/1", "items": '["é"]'})
+        self.assertEqual(t["x"], ("F32", [2], struct.pack("<2f", 1.5, -2.0)))
+        self.assertEqual(t["b"], ("BF16", [1, 1], b"\x80\x3f"))
+        self.assertEqual(t["item.1.cot_ids"], ("I64", [0], b""))
+        self.assertEqual(len(buf), 8 + n + 8 + 2)  # packed, no gaps
+        with self.assertRaises(ValueError):
+            C.safetensors_serialize([("x", "F32", [3], b"\0" * 8)])
+        with self.assertRaises(ValueError):
+            C.safetensors_serialize([], {"k": 1})
+
+
 # ------------------------------------------------------------------------------------------------
 # run_twn over a fake engine
 

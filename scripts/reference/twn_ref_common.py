@@ -722,6 +722,52 @@ def pt_zip_facts(path):
 
 
 # --------------------------------------------------------------------------------------------
+# safetensors serialization (fallback writer; spec §5.1)
+
+SAFETENSORS_DTYPE_SIZE = {"BOOL": 1, "U8": 1, "I8": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                          "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def safetensors_serialize(entries, metadata=None):
+    """entries: [(name, dtype string, shape list, raw little-endian bytes)] -> file bytes.
+    The header is JSON, space-padded so the data starts on an 8-byte boundary; data packed in
+    the given order with no gaps.  Used only if safetensors.torch.save_file refuses a file
+    (e.g. several zero-element tensors, safetensors issue #280)."""
+    header, off, blobs = {}, 0, []
+    if metadata:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise ValueError("safetensors metadata must be str -> str")
+        header["__metadata__"] = dict(metadata)
+    for name, dtype, shape, data in entries:
+        if name in header:
+            raise ValueError("duplicate tensor name %r" % name)
+        n = 1
+        for d in shape:
+            n *= int(d)
+        if len(data) != n * SAFETENSORS_DTYPE_SIZE[dtype]:
+            raise ValueError("%s: %d bytes for %s %s" % (name, len(data), dtype, list(shape)))
+        header[name] = {"dtype": dtype, "shape": [int(d) for d in shape], "data_offsets": [off, off + len(data)]}
+        off += len(data)
+        blobs.append(bytes(data))
+    h = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    h += b" " * ((8 - (8 + len(h)) % 8) % 8)
+    return struct.pack("<Q", len(h)) + h + b"".join(blobs)
+
+
+def safetensors_parse(buf):
+    """The inverse (for tests and tools): -> (metadata, {name: (dtype, shape, bytes)})."""
+    (n,) = struct.unpack("<Q", buf[:8])
+    header = json.loads(buf[8:8 + n].decode("utf-8"))
+    meta = header.pop("__metadata__", {})
+    base = 8 + n
+    out = {}
+    for name, e in header.items():
+        b, end = e["data_offsets"]
+        out[name] = (e["dtype"], e["shape"], buf[base + b:base + end])
+    return meta, out
+
+
+# --------------------------------------------------------------------------------------------
 # the TWN steps over an abstract engine
 
 class Engine:

@@ -141,6 +141,20 @@ def _keys_of(load_result, name):
     return sorted(str(k) for k in v) if v is not None else None
 
 
+def _as_dict(info):
+    """transformers' loading info: a dict in 4.x; accept a dataclass / object too."""
+    if info is None:
+        return {}
+    if isinstance(info, dict):
+        return info
+    import dataclasses
+    if dataclasses.is_dataclass(info):
+        return {f.name: getattr(info, f.name) for f in dataclasses.fields(info)}
+    if hasattr(info, "__dict__"):
+        return dict(vars(info))
+    return {"repr": repr(info)}
+
+
 def setup_torch(args):
     import torch
     torch.manual_seed(0)
@@ -330,10 +344,13 @@ class TorchEngine(C.Engine):
         kw["dtype" if _version_tuple(transformers.__version__) >= (4, 56) else "torch_dtype"] = self.dtype
         logs = []
         with capture_logs(logs):
-            model, info = Qwen3VLForConditionalGeneration.from_pretrained(m["_base"], **kw)
+            res = Qwen3VLForConditionalGeneration.from_pretrained(m["_base"], **kw)
+        model, info = res if isinstance(res, tuple) else (res, None)
         model.to(self.device).eval()
-        li = {k: (sorted(str(x) for x in v) if isinstance(v, (list, set, tuple)) else repr(v))
-              for k, v in (info or {}).items()}
+        li = {k: (sorted(str(x) for x in v) if isinstance(v, (list, set, tuple, frozenset)) else repr(v))
+              for k, v in _as_dict(info).items()}
+        if info is None:
+            self._problem("base: from_pretrained(output_loading_info=True) returned no loading info")
         cfg = model.config
         tc = cfg.text_config
         R["base"] = {
@@ -540,7 +557,10 @@ class TorchEngine(C.Engine):
                 name, out["missing_in_file"][:10], out["unexpected_in_file"][:10], mism[:10]))
         pl = out["peft_load_result"]
         if pl and (pl["missing_keys"] or pl["unexpected_keys"]):
-            lora_missing = [k for k in (pl["missing_keys"] or []) if "lora_" in k]
+            # older peft lists every model key not in the file (base weights, the other adapter);
+            # only this adapter's LoRA tensors count
+            lora_missing = [k for k in (pl["missing_keys"] or [])
+                            if "lora_" in k and ("." + name + "." in k or k.endswith("." + name))]
             if lora_missing or pl["unexpected_keys"]:
                 self._problem("adapter %s: peft load_adapter reported missing=%s unexpected=%s" % (
                     name, lora_missing[:10], (pl["unexpected_keys"] or [])[:10]))
@@ -907,6 +927,29 @@ def to_tensor(torch, v):
     raise TypeError("cannot store %r" % type(v))
 
 
+_ST_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64", "int64": "I64",
+              "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
+def save_golden(torch, path, tensors, meta, log):
+    """safetensors.torch.save_file; if it refuses (older safetensors rejected several
+    zero-element tensors as "shared"), the same format written by twn_ref_common."""
+    from safetensors.torch import save_file
+    try:
+        save_file(tensors, path, metadata=meta)
+        return
+    except Exception as e:
+        log("safetensors.torch.save_file failed (%r); writing with the fallback writer" % e)
+    entries = []
+    for k in sorted(tensors):
+        t = tensors[k].contiguous()
+        dt = _ST_DTYPES[str(t.dtype).replace("torch.", "")]
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        entries.append((k, dt, list(t.shape), data))
+    with open(path, "wb") as f:
+        f.write(C.safetensors_serialize(entries, meta))
+
+
 def write_stop_probe(path, m, raw_bytes, T, summary, table, log):
     """A copy of the manifest with one more stop string, taken from the first long CoT."""
     for i, s in enumerate(summary):
@@ -992,9 +1035,8 @@ def main(argv=None):
         "source_facts": json.dumps(source_facts(), default=str),
         "load_report": json.dumps(eng.report, default=str),
     }
-    from safetensors.torch import save_file
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    save_file(tensors, args.out, metadata=meta)
+    save_golden(torch, args.out, tensors, meta, log)
     side = os.path.splitext(args.out)[0] + ".summary.json"
     with open(side, "w", encoding="utf-8") as f:
         json.dump({"metadata": {k: v for k, v in meta.items() if k not in ("load_report", "manifest")},
