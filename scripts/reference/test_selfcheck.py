@@ -11,7 +11,6 @@ twn_reference.py / compare_bf16_spread.py and the items embedded in make_goldens
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os

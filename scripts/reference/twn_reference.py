@@ -566,7 +566,7 @@ class TorchEngine(C.Engine):
                     name, lora_missing[:10], (pl["unexpected_keys"] or [])[:10]))
         for line in logs:
             low = line.lower()
-            if "missing adapter keys" in low or "unexpected" in low:
+            if "missing adapter keys" in low or "unexpected keys" in low or "unexpected adapter keys" in low:
                 self._problem("adapter %s: %s" % (name, line))
         if n_mod == 0:
             self._problem("adapter %s: no LoRA module in the model" % name)

@@ -470,6 +470,18 @@ static void test_load_mem_names_messages(void **state) {
     assert_non_null(strstr(err.msg, "mem:evil"));
     assert_non_null(strstr(err.msg, "os.system"));
     free(data);
+    /* a flipped bit in a storage record is caught by the zip CRC */
+    data = tu_read(FIX("bare.pt"), &n);
+    static const float four[4] = {1, 2, 3, 4};
+    char *at = NULL;
+    for (size_t i = 0; !at && i + sizeof four <= n; i++)
+        if (!memcmp(data + i, four, sizeof four)) at = data + i;
+    assert_non_null(at);
+    at[5] ^= 0x10;
+    assert_int_equal(twn_pt_load_mem(data, n, "mem:flipped", &f, &err), -1);
+    if (!strstr(err.msg, "mem:flipped: cannot read record bare/data/0") || !strstr(err.msg, "CRC"))
+        fail_msg("unexpected error: %s", err.msg);
+    free(data);
     assert_int_equal(twn_pt_load_mem("PK", 2, "tiny", &f, &err), -1);
     assert_non_null(strstr(err.msg, "tiny: not a zip archive"));
 }
