@@ -54,7 +54,7 @@ unset http_proxy https_proxy HTTP_PROXY HTTPS_PROXY ALL_PROXY all_proxy 2>/dev/n
 "$PY" -c 'import torch, transformers, peft, tokenizers, safetensors' ||
   die "$PY needs torch, transformers, peft, tokenizers and safetensors"
 echo "== self-check (pure Python)"
-"$PY" "$HERE/test_selfcheck.py" || die "test_selfcheck.py failed"
+TWN_BIN="$TWN" "$PY" "$HERE/test_selfcheck.py" || die "test_selfcheck.py failed"
 
 if [ "${TWN_GOLDEN_CUDA:-auto}" = 0 ]; then
   CUDA=0

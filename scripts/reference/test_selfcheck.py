@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import struct
 import subprocess
 import sys
 import tempfile
@@ -92,10 +93,13 @@ class TestManifest(unittest.TestCase):
             ('{"format": "twn/1", "max_think_tokens": true}', "max_think_tokens"),
             ('{"format": "twn/1", "max_think_tokens": -1}', "max_think_tokens"),
             ('{"format": "twn/1", "threshold": "0.5"}', "threshold"),
+            ('{"format": "twn/1", "threshold": 1.5}', "threshold"),
+            ('{"format": "twn/1", "max_think_tokens": 2000000}', "max_think_tokens"),
             ('{"format": "twn/1", "normalize": 1}', "normalize"),
             ('{"format": "twn/1", "stop": ["</think>", ""]}', "stop"),
             ('{"format": "twn/1", "stop": ["a","b","c","d","e","f","g","h","i"]}', "stop"),
-            ('{"format": "twn/1", "sampling": {"top_p": 0}}', "sampling.top_p"),
+            ('{"format": "twn/1", "sampling": {"top_p": 1.5}}', "sampling.top_p"),
+            ('{"format": "twn/1", "sampling": {"temperature": -1}}', "sampling.temperature"),
             ('{"format": "twn/1", "templates": {"embed_cot": "no cot here"}}', "templates.embed_cot"),
             ('{"format": "twn/1", "templates": {"embed": "{cot}"}}', "templates.embed"),
             ('{"format": "twn/1", "templates": {"embed_cot": "{cot}{images}"}}', "templates.embed_cot"),
@@ -107,6 +111,26 @@ class TestManifest(unittest.TestCase):
             with self.assertRaises(C.ManifestError, msg=text) as cm:
                 C.parse_manifest(text, "/x/twn.json")
             self.assertIn(key, str(cm.exception), text)
+
+    def test_like_manifest_c(self):
+        # engine/manifest.c also accepts "name" and "comment", and truncates numbers to integers
+        m = C.parse_manifest('{"format": "twn/1", "name": "x", "comment": ["any"], "max_think_tokens": 16.7}',
+                             "/x/twn.json")
+        self.assertEqual((m["name"], m["comment"], m["max_think_tokens"]), ("x", ["any"], 16))
+        self.assertEqual(C.public_manifest(m)["name"], "x")
+
+    @unittest.skipUnless(os.path.exists(os.path.join(REPO, "engine", "manifest.c")), "no engine/manifest.c")
+    def test_default_json_of_manifest_c_parses(self):
+        # the manifest twn_manifest_default_json writes (read from the C source's json_pack call)
+        with open(os.path.join(REPO, "engine", "manifest.c"), encoding="utf-8") as f:
+            src = f.read()
+        self.assertIn('"format", "twn/1"', src)
+        top = re.search(r'static const char \*const top\[\] = \{(.*?)NULL\}', src, re.S).group(1)
+        keys = re.findall(r'"([a-z_]+)"', top)
+        for k in keys:
+            self.assertTrue(k in C.MANIFEST_DEFAULTS or k in C._FREE_KEYS, k)
+        for k in C.MANIFEST_DEFAULTS:
+            self.assertIn(k, keys)
 
     def test_pooling_forms(self):
         for p in ("query_mean", "last_token", "token:<|im_end|>"):
@@ -492,7 +516,6 @@ class TestPtZip(unittest.TestCase):
 
 class TestSafetensorsWriter(unittest.TestCase):
     def test_roundtrip(self):
-        import struct
         ents = [("item.0.cot_ids", "I64", [0], b""), ("item.1.cot_ids", "I64", [0], b""),
                 ("x", "F32", [2], struct.pack("<2f", 1.5, -2.0)), ("b", "BF16", [1, 1], b"\x80\x3f")]
         buf = C.safetensors_serialize(ents, {"format": "twn-golden/1", "items": '["é"]'})
@@ -710,6 +733,69 @@ class TestRunTwn(unittest.TestCase):
 
 
 # ------------------------------------------------------------------------------------------------
+# a real `twn mkmodel` checkpoint, when TWN_BIN names the binary (make_goldens.sh sets it)
+
+@unittest.skipUnless(os.environ.get("TWN_BIN"), "TWN_BIN not set (path of the twn binary)")
+class TestMkmodelCheckpoint(unittest.TestCase):
+    def test_presets(self):
+        for preset in ("tiny", "tiny-alt"):
+            with tempfile.TemporaryDirectory() as d:
+                out = os.path.join(d, preset)
+                r = subprocess.run([os.environ["TWN_BIN"], "mkmodel", "--out", out, "--preset", preset,
+                                    "--seed", "1"], capture_output=True, text=True)
+                self.assertEqual(r.returncode, 0, r.stderr)
+                m, raw = C.load_manifest(out)
+                for p in ("_base", "_embedding", "_reasoning", "_gate", "_queries"):
+                    self.assertTrue(os.path.exists(m[p]), m[p])
+                with open(os.path.join(m["_base"], "config.json")) as f:
+                    cfg = json.load(f)
+                H = cfg["text_config"]["hidden_size"]
+                self.assertEqual(cfg["model_type"], "qwen3_vl")
+                self.assertIn("rope_parameters", cfg["text_config"])  # v5 form
+                self.assertEqual(cfg["text_config"]["vocab_size"], 151936)
+                # gate: nn.Sequential Linear(H,G), act, Linear(G,1)
+                g = C.pt_shapes(m["_gate"])
+                layers = C.parse_gate_state_dict({k: v[1] for k, v in g.items()}, hidden=H)
+                self.assertEqual([x["index"] for x in layers], [0, 2])
+                q = C.pt_shapes(m["_queries"])
+                self.assertEqual((q[0], len(q[1]), q[1][1]), ("FloatStorage", 2, H))
+                for pt in (m["_gate"], m["_queries"]):
+                    f = C.pt_zip_facts(pt)
+                    self.assertTrue(f["all_stored"] and f["data_records_aligned64"], pt)
+                # adapters: PEFT key form, A/B pairs, config fields the reference reads
+                for ad in (m["_embedding"], m["_reasoning"]):
+                    with open(os.path.join(ad, "adapter_config.json")) as f:
+                        acfg = json.load(f)
+                    self.assertEqual(acfg["peft_type"], "LORA")
+                    with open(os.path.join(ad, "adapter_model.safetensors"), "rb") as f:
+                        meta, ts = C.safetensors_parse(f.read())
+                    keys = sorted(ts)
+                    self.assertTrue(keys and all(k.startswith("base_model.model.") for k in keys), keys[:3])
+                    a = [k for k in keys if k.endswith(".lora_A.weight")]
+                    b = [k for k in keys if k.endswith(".lora_B.weight")]
+                    self.assertEqual(len(a), len(b))
+                    self.assertEqual(len(a) + len(b), len(keys))
+                with open(os.path.join(m["_base"], "model.safetensors"), "rb") as f:
+                    head = f.read(8)
+                    (n,) = struct.unpack("<Q", head)
+                    names = json.loads(f.read(n))
+                self.assertEqual("lm_head.weight" in names, not cfg["tie_word_embeddings"])
+                t = C.TokenTable.from_file(os.path.join(m["_base"], "tokenizer.json"))
+                self.assertEqual(t.token_id("</think>"), 151668)
+                self.assertLessEqual(t.size(), cfg["text_config"]["vocab_size"])
+                cs = C.checkpoint_sha256(m)
+                self.assertIn("twn.json", cs)
+                self.assertIn(os.path.join("base", "model.safetensors"), cs)
+                self.assertIn("gate_mlp.pt", cs)
+                self.assertEqual(set(cs), set(C.tree_sha256(out)))  # mkmodel writes nothing else
+                # the same seed gives the same files
+                out2 = os.path.join(d, "again")
+                subprocess.run([os.environ["TWN_BIN"], "mkmodel", "--out", out2, "--preset", preset, "--seed", "1"],
+                               capture_output=True, check=True)
+                self.assertEqual(C.tree_sha256(out), C.tree_sha256(out2))
+
+
+# ------------------------------------------------------------------------------------------------
 # the scripts themselves (no torch needed to parse arguments)
 
 class TestScripts(unittest.TestCase):
@@ -735,6 +821,58 @@ class TestScripts(unittest.TestCase):
         self.assertEqual(R._version_tuple("5.17.0"), (5, 17, 0))
         self.assertEqual(R._version_tuple("4.57.0.dev0"), (4, 57, 0))
         self.assertEqual(R._version_tuple("2.11.0+cu128"), (2, 11, 0))
+
+    def test_reference_helpers(self):
+        import logging
+        import warnings
+        import twn_reference as R
+        sink = []
+        with R.capture_logs(sink):
+            logging.getLogger("transformers.modeling_utils").warning("Some weights were not used: %s", "x")
+            logging.getLogger("peft").info("not captured (below WARNING)")
+            warnings.warn("Found missing adapter keys while loading the checkpoint: ['a']")
+        self.assertEqual(len(sink), 2, sink)
+        self.assertIn("Some weights were not used: x", sink[0])
+        self.assertIn("missing adapter keys", sink[1])
+        self.assertEqual(R._as_dict({"missing_keys": []}), {"missing_keys": []})
+        import dataclasses
+
+        @dataclasses.dataclass
+        class Info:
+            missing_keys: list
+            unexpected_keys: list
+        self.assertEqual(R._as_dict(Info(["a"], [])), {"missing_keys": ["a"], "unexpected_keys": []})
+        self.assertEqual(R._as_dict(None), {})
+        self.assertEqual(R._keys_of({"missing_keys": {"b", "a"}}, "missing_keys"), ["a", "b"])
+        self.assertIsNone(R._keys_of({}, "missing_keys"))
+
+    def test_write_stop_probe(self):
+        import twn_reference as R
+        with tempfile.TemporaryDirectory() as d:
+            ck = os.path.join(d, "ck")
+            os.makedirs(ck)
+            with open(os.path.join(ck, "twn.json"), "w") as f:
+                f.write(HEADER_MANIFEST)
+            m, raw = C.load_manifest(ck)
+            tb = FakeBytes({1: b"ab", 2: b"cd", 3: b"ef", 4: b"gh", 5: b"ij", 6: b"kl"})
+
+            class Table:
+                token_bytes = tb
+            T = {"item.0.cot_gen_ids": [1, 2], "item.1.cot_gen_ids": [1, 2, 3, 4, 5, 6]}
+            summary = [{"id": "a", "route": 1, "stop_reason": "max_tokens", "n_gen": 2},
+                       {"id": "b", "route": 1, "stop_reason": "max_tokens", "n_gen": 6}]
+            logs = []
+            for where in (os.path.join(ck, "twn-stopprobe.json"), os.path.join(d, "elsewhere", "p.json")):
+                os.makedirs(os.path.dirname(where), exist_ok=True)
+                self.assertTrue(R.write_stop_probe(where, m, raw, T, summary, Table, logs.append))
+                m2, _ = C.load_manifest(where)
+                self.assertEqual(m2["stop"], ["</think>", "<|im_end|>", "fgh"])
+                for k in ("_base", "_embedding", "_reasoning", "_gate", "_queries"):
+                    self.assertEqual(m2[k], m[k])
+                self.assertEqual(m2["templates"], m["templates"])
+            self.assertIn("'fgh'", logs[0])
+            self.assertFalse(R.write_stop_probe(os.path.join(d, "none.json"), m, raw, T, summary[:1], Table,
+                                                logs.append))
 
     def test_compare_family(self):
         import compare_bf16_spread as S

@@ -79,6 +79,8 @@ MANIFEST_DEFAULTS = {
 }
 
 _NESTED = ("adapters", "gate", "sampling", "templates")
+# Top-level keys engine/manifest.c accepts and ignores.
+_FREE_KEYS = ("name", "comment")
 
 
 class ManifestError(ValueError):
@@ -111,9 +113,9 @@ def parse_manifest(text, path="twn.json"):
     if not isinstance(raw, dict):
         raise ManifestError("%s: the top level must be an object" % path)
     for k in raw:
-        if k not in MANIFEST_DEFAULTS:
+        if k not in MANIFEST_DEFAULTS and k not in _FREE_KEYS:
             raise ManifestError("%s: unknown key '%s'" % (path, k))
-    m = {}
+    m = {k: raw[k] for k in _FREE_KEYS if k in raw}
     for k, dv in MANIFEST_DEFAULTS.items():
         if k in _NESTED:
             sub = raw.get(k, {})
@@ -143,18 +145,20 @@ def parse_manifest(text, path="twn.json"):
                                        (pooling.startswith("token:") and len(pooling) > 6)),
          "pooling", "must be query_mean | last_token | token:<text>")
     need(isinstance(m["normalize"], bool), "normalize", "must be true or false")
-    need(_is_num(m["threshold"]), "threshold", "must be a number")
-    need(_is_int(m["max_think_tokens"]) and m["max_think_tokens"] >= 0, "max_think_tokens",
-         "must be an integer >= 0")
+    # ranges as engine/manifest.c (get_num: any JSON number in [lo, hi]; integers truncated)
+    need(_is_num(m["threshold"]) and 0 <= m["threshold"] <= 1, "threshold", "must be a number in [0, 1]")
+    need(_is_num(m["max_think_tokens"]) and 0 <= m["max_think_tokens"] <= (1 << 20), "max_think_tokens",
+         "must be a number in [0, 1048576]")
+    m["max_think_tokens"] = int(m["max_think_tokens"])
     stops = m["stop"]
     need(isinstance(stops, list) and all(isinstance(s, str) and s for s in stops), "stop",
          "must be a list of non-empty strings")
     need(len(stops) <= MAX_STOPS, "stop", "has more than %d entries" % MAX_STOPS)
     s = m["sampling"]
-    need(_is_num(s["temperature"]) and s["temperature"] >= 0, "sampling.temperature", "must be >= 0")
-    need(_is_int(s["top_k"]) and s["top_k"] >= 0, "sampling.top_k", "must be an integer >= 0")
-    need(_is_num(s["top_p"]) and 0 < s["top_p"] <= 1, "sampling.top_p", "must be in (0, 1]")
-    need(_is_int(s["seed"]) and s["seed"] >= 0, "sampling.seed", "must be an integer >= 0")
+    need(_is_num(s["temperature"]) and 0 <= s["temperature"] <= 100, "sampling.temperature", "must be in [0, 100]")
+    need(_is_num(s["top_k"]) and 0 <= s["top_k"] <= 1e7, "sampling.top_k", "must be in [0, 1e7]")
+    need(_is_num(s["top_p"]) and 0 <= s["top_p"] <= 1, "sampling.top_p", "must be in [0, 1]")
+    need(_is_num(s["seed"]) and 0 <= s["seed"] <= 2.0 ** 53, "sampling.seed", "must be in [0, 2^53]")
     need(isinstance(m["default_instruction"], str), "default_instruction", "must be a string")
     for name in ("embed", "reason", "embed_cot", "image"):
         need(isinstance(m["templates"][name], str), "templates." + name, "must be a string")
@@ -226,6 +230,18 @@ def tree_sha256(root):
             full = os.path.join(dp, fn)
             if os.path.isfile(full) and not os.path.islink(full):
                 out[os.path.relpath(full, root)] = sha256_file(full)
+    return dict(sorted(out.items()))
+
+
+def checkpoint_sha256(m):
+    """{path relative to the manifest's directory: sha256} of the files a golden depends on:
+    the manifest, every file under base/ and the two adapter directories, gate and queries."""
+    out = {os.path.relpath(m["_path"], m["_dir"]): sha256_file(m["_path"])}
+    for d in (m["_base"], m["_embedding"], m["_reasoning"]):
+        for rel, h in tree_sha256(d).items():
+            out[os.path.relpath(os.path.join(d, rel), m["_dir"])] = h
+    for f in (m["_gate"], m["_queries"]):
+        out[os.path.relpath(f, m["_dir"])] = sha256_file(f)
     return dict(sorted(out.items()))
 
 
@@ -719,6 +735,57 @@ def pt_zip_facts(path):
     pkl = [x["name"] for x in e if x["name"].endswith("/data.pkl") or x["name"] == "data.pkl"]
     facts["data_pkl"] = pkl[0] if pkl else None
     return facts
+
+
+def pt_shapes(path):
+    """Shapes in a torch.save zip without torch: a restricted unpickler that accepts only what a
+    weights-only state_dict / bare tensor needs (OrderedDict, _rebuild_tensor_v2,
+    _rebuild_parameter, storage classes).  Returns {key: (storage class, shape)} for a dict, or
+    (storage class, shape) for a bare tensor.  For checks and tests; no tensor data is read."""
+    import collections
+    import pickle
+
+    class _St:
+        def __init__(self, kind):
+            self.kind = kind
+
+    class _T:
+        def __init__(self, st, size):
+            self.kind, self.shape = st.kind, tuple(int(x) for x in size)
+
+    class _U(pickle.Unpickler):
+        def find_class(self, mod, name):
+            if mod == "collections" and name == "OrderedDict":
+                return collections.OrderedDict
+            if mod == "torch._utils" and name == "_rebuild_tensor_v2":
+                return lambda st, off, size, stride, *rest: _T(st, size)
+            if mod == "torch._utils" and name == "_rebuild_parameter":
+                return lambda data, *rest: data
+            if mod == "torch" and name.endswith("Storage"):
+                return name
+            raise pickle.UnpicklingError("global %s.%s is not allowed" % (mod, name))
+
+        def persistent_load(self, pid):
+            if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+                raise pickle.UnpicklingError("unexpected persistent id %r" % (pid,))
+            return _St(pid[1])
+
+    with zipfile.ZipFile(path) as z:
+        pkl = [n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+        if len(pkl) != 1:
+            raise ValueError("%s: expected one data.pkl, found %d" % (path, len(pkl)))
+        with z.open(pkl[0]) as f:
+            obj = _U(f).load()
+    if isinstance(obj, _T):
+        return (obj.kind, obj.shape)
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            if not isinstance(v, _T):
+                raise ValueError("%s: entry %r is not a tensor" % (path, k))
+            out[k] = (v.kind, v.shape)
+        return out
+    raise ValueError("%s: neither a tensor nor a dict of tensors (%s)" % (path, type(obj).__name__))
 
 
 # --------------------------------------------------------------------------------------------

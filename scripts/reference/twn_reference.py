@@ -418,6 +418,13 @@ class TorchEngine(C.Engine):
                      "dtypes": sorted({str(v.dtype) for v in gsd.values()}), "layers": layers,
                      "activation": m["gate"]["activation"], "input": m["gate"]["input"],
                      "module": repr(self.gate_mlp), "pt_zip": C.pt_zip_facts(m["_gate"])}
+        try:  # the torch-free reader (the C reader's whitelist) must see the same shapes
+            light = {k: list(v[1]) for k, v in C.pt_shapes(m["_gate"]).items()}
+            R["gate"]["pt_shapes_agree"] = light == R["gate"]["keys"]
+        except Exception as e:
+            R["gate"]["pt_shapes_agree"] = "error: %r" % e
+        if R["gate"]["pt_shapes_agree"] is not True:
+            R["notes"].append("gate: the restricted .pt reader disagrees with torch.load: %s" % R["gate"]["pt_shapes_agree"])
         if any(L["bias"] is None for L in layers):
             R["notes"].append("gate: a layer has no bias")
 
@@ -1024,7 +1031,7 @@ def main(argv=None):
         "manifest_path": m["_path"], "manifest_sha256": C.sha256_bytes(raw),
         "manifest": raw.decode("utf-8"),
         "effective_manifest": json.dumps(C.public_manifest(m), sort_keys=True, ensure_ascii=False),
-        "model_files_sha256": json.dumps(C.tree_sha256(m["_dir"]), sort_keys=True),
+        "model_files_sha256": json.dumps(C.checkpoint_sha256(m), sort_keys=True),
         "items": json.dumps([it["id"] for it in items], ensure_ascii=False),
         "items_sha256": C.sha256_file(args.items),
         "n_items": str(len(items)),
