@@ -13,6 +13,7 @@ typedef struct {
 static const command commands[] = {
     /* one line per command; keep alphabetical */
     {"mkmodel", twn_cmd_mkmodel, "write a deterministic random TWN checkpoint"},
+    {"tokenize", twn_cmd_tokenize, "print the token ids of a text (tokenizer.json)"},
     {"version", NULL, "print the version"},
 };
 
