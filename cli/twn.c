@@ -14,6 +14,8 @@ static const command commands[] = {
     /* one line per command; keep alphabetical */
     {"mkmodel", twn_cmd_mkmodel, "write a deterministic random TWN checkpoint"},
     {"tokenize", twn_cmd_tokenize, "print the token ids of a text (tokenizer.json)"},
+    {"embed", twn_cmd_embed, "embed a JSONL file of items with a TWN checkpoint"},
+    {"inspect", twn_cmd_inspect, "print what a TWN checkpoint holds; refuse a broken one"},
     {"version", NULL, "print the version"},
 };
 

@@ -24,13 +24,6 @@ with open(sys.argv[1], "w") as f:
     for it in items: f.write(json.dumps(it, ensure_ascii=False) + "\n")
 print(f"demo: {len(items)} items from /usr/share/common-licenses")
 PY
-if build/cli/twn help | grep -q "^  embed"; then
-  build/cli/twn inspect "$OUT/model"
-  build/cli/twn embed --model "$OUT/model" --input "$OUT/items.jsonl" --out "$OUT/embeddings"
-  echo "demo: embeddings in $OUT/embeddings (embeddings.npy, items.jsonl, dead_letter.jsonl)"
-else
-  # The tokenizer (engine/tokenizer.c) has not landed yet, so `twn embed` is not built; the
-  # checkpoint above is complete and loads in transformers + peft.
-  echo "demo: checkpoint in $OUT/model; \`twn embed\` arrives with the tokenizer (issue 2, in progress)"
-  ls -la "$OUT/model" "$OUT/model/base"
-fi
+build/cli/twn inspect "$OUT/model"
+build/cli/twn embed --model "$OUT/model" --input "$OUT/items.jsonl" --out "$OUT/embeddings"
+echo "demo: embeddings in $OUT/embeddings (embeddings.npy, items.jsonl, dead_letter.jsonl)"
