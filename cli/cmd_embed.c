@@ -6,6 +6,7 @@
  *   OUT/items.jsonl        per item: id, row, route, p_think, think_tokens, cot
  *   OUT/dead_letter.jsonl  per rejected line/item: file, line, id, stage, reason
  * A bad line or item never stops the job: it is dead-lettered and counted. */
+#include <errno.h>
 #include <getopt.h>
 #include <jansson.h>
 #include <math.h>
@@ -79,7 +80,8 @@ static int parse_item(const char *line, size_t len, const char *base_dir, owned_
                  json_is_array(o) ? "array" : "value");
         goto out;
     }
-    if (json_is_string(id)) it->id = twn_strdup(json_string_value(id));
+    if (json_is_string(id))
+        it->id = twn_strdup(json_string_value(id));
     else if (json_is_integer(id)) {
         char b[32];
         snprintf(b, sizeof b, "%lld", (long long)json_integer_value(id));
@@ -126,24 +128,41 @@ int twn_cmd_embed(int argc, char **argv) {
     int batch = 64, quiet = 0;
     twn_opts opts;
     twn_opts_default(&opts);
-    static const struct option lo[] = {{"model", 1, 0, 'm'}, {"input", 1, 0, 'i'},
-                                       {"out", 1, 0, 'o'},   {"mode", 1, 0, 'M'},
-                                       {"batch", 1, 0, 'b'}, {"max-active", 1, 0, 'a'},
-                                       {"quiet", 0, 0, 'q'}, {"help", 0, 0, 'h'},
-                                       {0, 0, 0, 0}};
+    static const struct option lo[] = {
+        {"model", 1, 0, 'm'}, {"input", 1, 0, 'i'}, {"out", 1, 0, 'o'},
+        {"mode", 1, 0, 'M'},  {"batch", 1, 0, 'b'}, {"max-active", 1, 0, 'a'},
+        {"quiet", 0, 0, 'q'}, {"help", 0, 0, 'h'},  {0, 0, 0, 0}};
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "", lo, NULL)) != -1) {
         switch (c) {
-        case 'm': model = optarg; break;
-        case 'i': input = optarg; break;
-        case 'o': out = optarg; break;
-        case 'M': mode = optarg; break;
-        case 'b': batch = atoi(optarg); break;
-        case 'a': opts.max_active = atoi(optarg); break;
-        case 'q': quiet = 1; break;
-        case 'h': usage(stdout); return 0;
-        default: usage(stderr); return 2;
+        case 'm':
+            model = optarg;
+            break;
+        case 'i':
+            input = optarg;
+            break;
+        case 'o':
+            out = optarg;
+            break;
+        case 'M':
+            mode = optarg;
+            break;
+        case 'b':
+            batch = atoi(optarg);
+            break;
+        case 'a':
+            opts.max_active = atoi(optarg);
+            break;
+        case 'q':
+            quiet = 1;
+            break;
+        case 'h':
+            usage(stdout);
+            return 0;
+        default:
+            usage(stderr);
+            return 2;
         }
     }
     if (!model || !input || !out || batch < 1 || opts.max_active < 1) {
@@ -174,16 +193,18 @@ int twn_cmd_embed(int argc, char **argv) {
         fclose(in);
         return 1;
     }
-    char *p_npy = twn_path_join(out, "embeddings.npy"), *p_items = twn_path_join(out, "items.jsonl");
+    char *p_npy = twn_path_join(out, "embeddings.npy"),
+         *p_items = twn_path_join(out, "items.jsonl");
     char *p_dead = twn_path_join(out, "dead_letter.jsonl");
     char *base = twn_path_dirname(input);
     twn_npy npy;
+    err.msg[0] = 0;
     FILE *fi = fopen(p_items, "w");
     dead_letter dl = {fopen(p_dead, "w"), input, 0};
     int rc = 1;
     if (!fi || !dl.dead || twn_npy_open(&npy, p_npy, "<f4", 4, twn_model_dim(m), &err)) {
-        fprintf(stderr, "twn embed: cannot create outputs in %s%s%s\n", out, fi ? "" : "",
-                err.msg[0] ? err.msg : "");
+        fprintf(stderr, "twn embed: cannot create outputs in %s: %s\n", out,
+                err.msg[0] ? err.msg : strerror(errno));
         goto done;
     }
 
@@ -236,12 +257,11 @@ int twn_cmd_embed(int argc, char **argv) {
                     fprintf(stderr, "twn embed: %s\n", err.msg);
                     goto done_batch;
                 }
-                json_t *o = json_pack("{s:s, s:i, s:s, s:o, s:i, s:s?}", "id", items[i].id, "row",
-                                      (json_int_t)n_ok, "route", res[i].hard ? "hard" : "easy",
-                                      "p_think",
-                                      isnan(res[i].p_think) ? json_null() : json_real(res[i].p_think),
-                                      "think_tokens", (json_int_t)res[i].think_tokens, "cot",
-                                      res[i].cot);
+                json_t *o =
+                    json_pack("{s:s, s:i, s:s, s:o, s:i, s:s?}", "id", items[i].id, "row",
+                              (json_int_t)n_ok, "route", res[i].hard ? "hard" : "easy", "p_think",
+                              isnan(res[i].p_think) ? json_null() : json_real(res[i].p_think),
+                              "think_tokens", (json_int_t)res[i].think_tokens, "cot", res[i].cot);
                 char *s = json_dumps(o, JSON_COMPACT);
                 fprintf(fi, "%s\n", s);
                 free(s);

@@ -67,12 +67,14 @@ int twn_lm_load(const char *dir, twn_lm **out, twn_err *err) {
     char name[256];
 #define LOAD(dst, nm, nd, a, b)                                                                    \
     do {                                                                                           \
-        if (!((dst) = load_f32(st, (nm), (nd), (a), (b), &bytes, err))) goto fail;                \
+        if (!((dst) = load_f32(st, (nm), (nd), (a), (b), &bytes, err))) goto fail;                 \
     } while (0)
     LOAD(lm->embed, "model.language_model.embed_tokens.weight", 2, lm->V, H);
     LOAD(lm->final_norm, "model.language_model.norm.weight", 1, H, 0);
-    if (twn_st_set_find(st, "lm_head.weight")) LOAD(lm->lm_head, "lm_head.weight", 2, lm->V, H);
-    else if (cfg.tie_word_embeddings) lm->lm_head = lm->embed;
+    if (twn_st_set_find(st, "lm_head.weight"))
+        LOAD(lm->lm_head, "lm_head.weight", 2, lm->V, H);
+    else if (cfg.tie_word_embeddings)
+        lm->lm_head = lm->embed;
     else {
         twn_err_set(err, "%s: lm_head.weight is missing and tie_word_embeddings is false", dir);
         goto fail;
@@ -109,8 +111,10 @@ int twn_lm_load(const char *dir, twn_lm **out, twn_err *err) {
         float e = (float)(2 * j) / (float)D;
         lm->inv_freq[j] = 1.0f / powf((float)c->rope_theta, e);
         int s = 0;
-        if (j % 3 == 1 && j < 3 * c->mrope_section[1]) s = 1;
-        else if (j % 3 == 2 && j < 3 * c->mrope_section[2]) s = 2;
+        if (j % 3 == 1 && j < 3 * c->mrope_section[1])
+            s = 1;
+        else if (j % 3 == 2 && j < 3 * c->mrope_section[2])
+            s = 2;
         lm->rope_stream[j] = (uint8_t)s;
     }
     lm->weight_bytes = bytes;
@@ -149,17 +153,19 @@ int twn_lm_attach_adapter(twn_lm *lm, const twn_adapter *a, int *index, twn_err 
                            TWN_MAX_ADAPTERS);
     int idx = lm->n_adapters;
     const int in_f[TWN_NPROJ] = {lm->H, lm->H, lm->H, lm->nh * lm->D, lm->H, lm->H, lm->I};
-    const int out_f[TWN_NPROJ] = {lm->nh * lm->D, lm->nkv * lm->D, lm->nkv * lm->D, lm->H,
-                                  lm->I, lm->I, lm->H};
+    const int out_f[TWN_NPROJ] = {
+        lm->nh * lm->D, lm->nkv * lm->D, lm->nkv * lm->D, lm->H, lm->I, lm->I, lm->H};
     for (int i = 0; i < a->n_loras; i++) {
         const twn_lora *lo = &a->loras[i];
         const char *m = lo->module;
         if (!strncmp(m, "model.visual.", 13)) continue; /* the vision tower's, not ours */
         if (!strcmp(m, "model.language_model.embed_tokens")) {
             if (!lo->embedding || lo->in_features != lm->V || lo->out_features != lm->H)
-                return twn_err_set(err, "adapter %s (%s): embed_tokens LoRA has shape %dx%d, "
-                                   "expected vocab %d x hidden %d", a->name, a->dir,
-                                   lo->in_features, lo->out_features, lm->V, lm->H);
+                return twn_err_set(err,
+                                   "adapter %s (%s): embed_tokens LoRA has shape %dx%d, "
+                                   "expected vocab %d x hidden %d",
+                                   a->name, a->dir, lo->in_features, lo->out_features, lm->V,
+                                   lm->H);
             lm->embed_lora[idx] = lo;
             continue;
         }
@@ -169,13 +175,17 @@ int twn_lm_attach_adapter(twn_lm *lm, const twn_adapter *a, int *index, twn_err 
                 if (!strcmp(m + consumed, proj_names[j])) slot = j;
         }
         if (layer < 0 || layer >= lm->L || slot < 0)
-            return twn_err_set(err, "adapter %s (%s): LoRA on module %s, which this engine does "
+            return twn_err_set(err,
+                               "adapter %s (%s): LoRA on module %s, which this engine does "
                                "not apply (supported: the text decoder's q/k/v/o/gate/up/down "
-                               "projections, embed_tokens, and vision modules)", a->name, a->dir, m);
+                               "projections, embed_tokens, and vision modules)",
+                               a->name, a->dir, m);
         if (lo->in_features != in_f[slot] || lo->out_features != out_f[slot])
-            return twn_err_set(err, "adapter %s (%s): %s has in=%d out=%d, the model has in=%d "
-                               "out=%d", a->name, a->dir, m, lo->in_features, lo->out_features,
-                               in_f[slot], out_f[slot]);
+            return twn_err_set(err,
+                               "adapter %s (%s): %s has in=%d out=%d, the model has in=%d "
+                               "out=%d",
+                               a->name, a->dir, m, lo->in_features, lo->out_features, in_f[slot],
+                               out_f[slot]);
         lm->layers[layer].lora[idx][slot] = lo;
     }
     lm->adapters[idx] = a;
@@ -229,8 +239,8 @@ typedef struct {
 } run;
 
 /* Y[T,N] = X[T,K] W^T, then each run's LoRA delta added to its rows. */
-static void project(const twn_lm *lm, const twn_lm_layer *ly, int slot, const float *X, int T,
-                    int K, float *Y, int N, const run *runs, int n_runs, float *tmp) {
+static void project(const twn_lm_layer *ly, int slot, const float *X, int T, int K, float *Y, int N,
+                    const run *runs, int n_runs, float *tmp) {
     twn_cpu_linear(X, T, K, K, ly->w[slot], N, Y, N, 1.f, 0.f);
     for (int r = 0; r < n_runs; r++) {
         if (runs[r].adapter < 0) continue;
@@ -241,7 +251,6 @@ static void project(const twn_lm *lm, const twn_lm_layer *ly, int slot, const fl
         twn_cpu_linear(tmp, runs[r].n, lo->r, lo->r, lo->B, N, Y + (size_t)runs[r].row0 * N, N,
                        lo->scaling, 1.f);
     }
-    (void)lm;
 }
 
 int twn_lm_forward(const twn_lm *lm, twn_lm_seq *seqs, int n_seqs, twn_lm_trace_fn trace,
@@ -303,8 +312,10 @@ int twn_lm_forward(const twn_lm *lm, twn_lm_seq *seqs, int n_seqs, twn_lm_trace_
                 }
                 memcpy(xr, sq->embeds + (size_t)i * H, sizeof(float) * (size_t)H);
             } else if (id < 0 || id >= lm->V) {
-                twn_err_set(err, "sequence %d row %d: token id %d is outside the vocabulary "
-                            "[0, %d)", s, i, id, lm->V);
+                twn_err_set(err,
+                            "sequence %d row %d: token id %d is outside the vocabulary "
+                            "[0, %d)",
+                            s, i, id, lm->V);
                 goto out;
             } else {
                 memcpy(xr, lm->embed + (size_t)id * H, sizeof(float) * (size_t)H);
@@ -331,9 +342,9 @@ int twn_lm_forward(const twn_lm *lm, twn_lm_seq *seqs, int n_seqs, twn_lm_trace_
     for (int l = 0; l < lm->L; l++) {
         const twn_lm_layer *ly = &lm->layers[l];
         twn_cpu_rmsnorm(xn, x, ly->in_norm, T, H, H, eps);
-        project(lm, ly, TWN_Q, xn, T, H, q, qd, runs, n_runs, tmp);
-        project(lm, ly, TWN_K, xn, T, H, k, kd, runs, n_runs, tmp);
-        project(lm, ly, TWN_V, xn, T, H, v, kd, runs, n_runs, tmp);
+        project(ly, TWN_Q, xn, T, H, q, qd, runs, n_runs, tmp);
+        project(ly, TWN_K, xn, T, H, k, kd, runs, n_runs, tmp);
+        project(ly, TWN_V, xn, T, H, v, kd, runs, n_runs, tmp);
         twn_cpu_rmsnorm(q, q, ly->q_norm, T * nh, D, D, eps);
         twn_cpu_rmsnorm(k, k, ly->k_norm, T * nkv, D, D, eps);
         twn_cpu_rope(q, T, nh, D, qd, cs, sn);
@@ -350,13 +361,13 @@ int twn_lm_forward(const twn_lm *lm, twn_lm_seq *seqs, int n_seqs, twn_lm_trace_
                               att + (size_t)row0[s] * qd, sq->n, kv->len + sq->n, nh, nkv, D,
                               scale);
         }
-        project(lm, ly, TWN_O, att, T, qd, xn, H, runs, n_runs, tmp);
+        project(ly, TWN_O, att, T, qd, xn, H, runs, n_runs, tmp);
         for (size_t i = 0; i < (size_t)T * H; i++) x[i] += xn[i];
         twn_cpu_rmsnorm(xn, x, ly->post_norm, T, H, H, eps);
-        project(lm, ly, TWN_GATE, xn, T, H, g, I, runs, n_runs, tmp);
-        project(lm, ly, TWN_UP, xn, T, H, u, I, runs, n_runs, tmp);
+        project(ly, TWN_GATE, xn, T, H, g, I, runs, n_runs, tmp);
+        project(ly, TWN_UP, xn, T, H, u, I, runs, n_runs, tmp);
         twn_cpu_silu_mul(g, u, (int64_t)T * I);
-        project(lm, ly, TWN_DOWN, g, T, I, xn, H, runs, n_runs, tmp);
+        project(ly, TWN_DOWN, g, T, I, xn, H, runs, n_runs, tmp);
         for (size_t i = 0; i < (size_t)T * H; i++) x[i] += xn[i];
         if (trace)
             for (int s = 0; s < n_seqs; s++)

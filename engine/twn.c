@@ -41,8 +41,10 @@ static int load_gate(twn_model *m, twn_err *err) {
         const twn_tensor *t = twn_pt_at(pt, i);
         const char *nm = t->name, *dot = strrchr(nm, '.');
         if (!dot || (strcmp(dot, ".weight") && strcmp(dot, ".bias"))) {
-            twn_err_set(err, "%s: unexpected key \"%s\"; the gate must be Linear layers "
-                        "\"<i>.weight\" / \"<i>.bias\"", path, nm);
+            twn_err_set(err,
+                        "%s: unexpected key \"%s\"; the gate must be Linear layers "
+                        "\"<i>.weight\" / \"<i>.bias\"",
+                        path, nm);
             goto out;
         }
         const char *p = dot;
@@ -62,8 +64,10 @@ static int load_gate(twn_model *m, twn_err *err) {
             slot = n++;
             idx[slot] = li;
         }
-        if (!strcmp(dot, ".weight")) w[slot] = t;
-        else b[slot] = t;
+        if (!strcmp(dot, ".weight"))
+            w[slot] = t;
+        else
+            b[slot] = t;
     }
     if (!n) {
         twn_err_set(err, "%s: no gate layers found", path);
@@ -193,7 +197,9 @@ void twn_model_free(twn_model *m) {
     twn_free(m);
 }
 
-int twn_model_dim(const twn_model *m) { return m->lm->H; }
+int twn_model_dim(const twn_model *m) {
+    return m->lm->H;
+}
 
 void twn_opts_default(twn_opts *o) {
     o->mode = TWN_MODE_ADAPTIVE;
@@ -204,15 +210,20 @@ void twn_opts_default(twn_opts *o) {
 }
 
 int twn_mode_parse(const char *s, twn_opts *o, twn_err *err) {
-    if (!strcmp(s, "adaptive")) o->mode = TWN_MODE_ADAPTIVE;
-    else if (!strcmp(s, "never")) o->mode = TWN_MODE_NEVER;
-    else if (!strcmp(s, "always")) o->mode = TWN_MODE_ALWAYS;
+    if (!strcmp(s, "adaptive"))
+        o->mode = TWN_MODE_ADAPTIVE;
+    else if (!strcmp(s, "never"))
+        o->mode = TWN_MODE_NEVER;
+    else if (!strcmp(s, "always"))
+        o->mode = TWN_MODE_ALWAYS;
     else if (!strncmp(s, "budget=", 7)) {
         char *end;
         double f = strtod(s + 7, &end);
         if (end == s + 7 || *end || !(f >= 0 && f <= 1))
-            return twn_err_set(err, "mode \"%s\": the budget must be a fraction in [0, 1], "
-                               "e.g. budget=0.3", s);
+            return twn_err_set(err,
+                               "mode \"%s\": the budget must be a fraction in [0, 1], "
+                               "e.g. budget=0.3",
+                               s);
         o->mode = TWN_MODE_BUDGET;
         o->budget = f;
     } else
@@ -268,24 +279,28 @@ typedef struct {
     state st;
     twn_kv kv;
     bool kv_live;
-    twn_ivec ids;   /* the rows this task feeds in its next prefill (queries excluded) */
-    int n_queries;  /* query rows appended after ids in that prefill */
-    int32_t next;   /* decode: the token to feed */
-    twn_ivec cot;   /* generated ids */
-    float p;        /* p_think */
+    twn_ivec ids;  /* the rows this task feeds in its next prefill (queries excluded) */
+    int n_queries; /* query rows appended after ids in that prefill */
+    int32_t next;  /* decode: the token to feed */
+    twn_ivec cot;  /* generated ids */
+    float p;       /* p_think */
     bool hard;
-    float *hidden;  /* [rows, H] of the last prefill */
-    float *logits;  /* [V] */
+    float *hidden; /* [rows, H] of the last prefill */
+    float *logits; /* [V] */
 } task;
 
 static double act(twn_activation a, double x) {
     switch (a) {
-    case TWN_ACT_GELU: return 0.5 * x * (1.0 + erf(x / sqrt(2.0)));
+    case TWN_ACT_GELU:
+        return 0.5 * x * (1.0 + erf(x / sqrt(2.0)));
     case TWN_ACT_GELU_TANH:
         return 0.5 * x * (1.0 + tanh(sqrt(2.0 / M_PI) * (x + 0.044715 * x * x * x)));
-    case TWN_ACT_RELU: return x > 0 ? x : 0;
-    case TWN_ACT_SILU: return x / (1.0 + exp(-x));
-    case TWN_ACT_TANH: return tanh(x);
+    case TWN_ACT_RELU:
+        return x > 0 ? x : 0;
+    case TWN_ACT_SILU:
+        return x / (1.0 + exp(-x));
+    case TWN_ACT_TANH:
+        return tanh(x);
     }
     return x;
 }
@@ -440,7 +455,6 @@ int twn_embed_items(const twn_model *m, const twn_item *items, int n, const twn_
     task *tasks = twn_calloc((size_t)(n ? n : 1), sizeof *tasks);
     twn_lm_seq *seqs = twn_calloc((size_t)(n ? n : 1), sizeof *seqs);
     int *who = twn_calloc((size_t)(n ? n : 1), sizeof *who);
-    float *qrows = NULL;
     int rc = -1, done = 0;
     twn_err e;
 
@@ -450,8 +464,10 @@ int twn_embed_items(const twn_model *m, const twn_item *items, int n, const twn_
         res[i].p_think = NAN;
         task *t = &tasks[i];
         if (items[i].n_images > 0) {
-            twn_err_set(&e, "item has %d image(s); image input arrives with engine part 2 "
-                        "(issue 3) and this build reads text only", items[i].n_images);
+            twn_err_set(&e,
+                        "item has %d image(s); image input arrives with engine part 2 "
+                        "(issue 3) and this build reads text only",
+                        items[i].n_images);
             fail_item(&res[i], t, "image", &e);
         } else if (twn_render_ids(m, m->man.tpl_embed, &items[i], &t->ids, &e))
             fail_item(&res[i], t, "tokenizing the prompt", &e);
@@ -592,12 +608,11 @@ int twn_embed_items(const twn_model *m, const twn_item *items, int n, const twn_
             case ST_GATE: {
                 r->embedding = twn_malloc(sizeof(float) * (size_t)H);
                 pool(m, t, seqs[s].n, r->embedding);
-                t->p = r->p_think = gate_prob(m, r->embedding);
+                if (o->mode != TWN_MODE_NEVER) t->p = r->p_think = gate_prob(m, r->embedding);
                 if (m->man.normalize) twn_cpu_l2_normalize(r->embedding, H, 1e-12f);
                 twn_kv_free(&t->kv);
                 t->kv_live = false;
                 if (o->mode == TWN_MODE_NEVER) {
-                    r->p_think = NAN;
                     t->st = ST_DONE;
                     done++;
                 } else
@@ -638,7 +653,8 @@ int twn_embed_items(const twn_model *m, const twn_item *items, int n, const twn_
                 done++;
                 break;
             }
-            default: break;
+            default:
+                break;
             }
         }
     }
@@ -656,7 +672,6 @@ out:
             res[i].embedding = NULL;
         }
     }
-    twn_free(qrows);
     twn_free(tasks);
     twn_free(seqs);
     twn_free(who);

@@ -35,19 +35,21 @@ void twn_cpu_attention(const float *q, const float *k, const float *v, float *ou
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, L, D, scale, q + (size_t)h * D,
                         qs, kh, ks, 0.f, Sh, L);
             for (int t = 0; t < n; t++) softmax_causal(Sh + (size_t)t * L, past + t + 1, L);
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, D, L, 1.f, Sh, L, vh, ks,
-                        0.f, out + (size_t)h * D, qs);
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, D, L, 1.f, Sh, L, vh, ks, 0.f,
+                        out + (size_t)h * D, qs);
         }
         twn_free(S);
         return;
     }
+    /* Short steps: one score buffer for the whole step, [n][nh][L], no allocation per head. */
+    float *scores = twn_malloc((size_t)n * nh * L * sizeof(float));
 #pragma omp parallel for collapse(2) schedule(static) if (L * nh >= 512)
     for (int t = 0; t < n; t++)
         for (int h = 0; h < nh; h++) {
             int valid = past + t + 1;
             const float *qh = q + (size_t)t * qs + (size_t)h * D;
             const float *kh = k + (size_t)(h / rep) * D, *vh = v + (size_t)(h / rep) * D;
-            float *sc = twn_malloc((size_t)valid * sizeof(float));
+            float *sc = scores + ((size_t)t * nh + h) * L;
             for (int j = 0; j < valid; j++) {
                 const float *kj = kh + (size_t)j * ks;
                 float d = 0.f;
@@ -62,6 +64,6 @@ void twn_cpu_attention(const float *q, const float *k, const float *v, float *ou
                 float p = sc[j];
                 for (int i = 0; i < D; i++) o[i] += p * vj[i];
             }
-            twn_free(sc);
         }
+    twn_free(scores);
 }

@@ -16,6 +16,18 @@
 static twn_tokenizer *tok;
 
 /* Reference NFC: utf8proc on the pieces between inert code points, no fast path. */
+/* Appends NFC(piece) to out and empties piece. */
+static void compose_into(twn_str *piece, twn_str *out) {
+    utf8proc_uint8_t *r = NULL;
+    utf8proc_ssize_t m =
+        utf8proc_map((const utf8proc_uint8_t *)piece->v, (utf8proc_ssize_t)piece->n, &r,
+                     UTF8PROC_STABLE | UTF8PROC_COMPOSE);
+    if (m < 0) abort();
+    twn_str_append(out, (const char *)r, (size_t)m);
+    free(r);
+    twn_str_reset(piece);
+}
+
 static void nfc_reference(const char *s, size_t n, twn_str *out) {
     twn_str piece = {0};
     twn_str_append(out, "", 0);
@@ -26,14 +38,7 @@ static void nfc_reference(const char *s, size_t n, twn_str *out) {
         int is_inert = tok_nfc_inert(cp);
         if (is_inert) {
             if (piece.n) {
-                utf8proc_uint8_t *r = NULL;
-                utf8proc_ssize_t m =
-                    utf8proc_map((const utf8proc_uint8_t *)piece.v, (utf8proc_ssize_t)piece.n, &r,
-                                 UTF8PROC_STABLE | UTF8PROC_COMPOSE);
-                if (m < 0) abort();
-                twn_str_append(out, (const char *)r, (size_t)m);
-                free(r);
-                twn_str_reset(&piece);
+                compose_into(&piece, out);
             }
             twn_str_append(out, s + i, (size_t)k);
         } else {
@@ -42,13 +47,7 @@ static void nfc_reference(const char *s, size_t n, twn_str *out) {
         i += (size_t)k;
     }
     if (piece.n) {
-        utf8proc_uint8_t *r = NULL;
-        utf8proc_ssize_t m =
-            utf8proc_map((const utf8proc_uint8_t *)piece.v, (utf8proc_ssize_t)piece.n, &r,
-                         UTF8PROC_STABLE | UTF8PROC_COMPOSE);
-        if (m < 0) abort();
-        twn_str_append(out, (const char *)r, (size_t)m);
-        free(r);
+        compose_into(&piece, out);
     }
     twn_str_free(&piece);
 }
