@@ -43,9 +43,9 @@ int twn_cmd_inspect(int argc, char **argv) {
         const twn_adapter *a = ad[i];
         printf("adapter    %-9s %s\n", a->name, a->dir);
         printf("  lora     r=%d alpha=%g scaling=%s, %d modules, %.3f M params (%.2f%% of the "
-               "text backbone)\n", a->r, a->lora_alpha, a->use_rslora ? "alpha/sqrt(r) (rsLoRA)"
-               : "alpha/r", a->n_loras, a->n_params / 1e6, 100.0 * (double)a->n_params /
-               (double)backbone);
+               "text backbone)\n",
+               a->r, a->lora_alpha, a->use_rslora ? "alpha/sqrt(r) (rsLoRA)" : "alpha/r",
+               a->n_loras, a->n_params / 1e6, 100.0 * (double)a->n_params / (double)backbone);
         printf("  targets  %s\n", a->target_desc ? a->target_desc : "?");
         extra += a->n_params;
     }
@@ -62,8 +62,7 @@ int twn_cmd_inspect(int argc, char **argv) {
            m->man.pool_token ? ":" : "", m->man.pool_token ? m->man.pool_token : "",
            m->man.normalize ? "L2" : "none", lm->H);
     printf("thinking   max %d tokens, stop", m->man.max_think_tokens);
-    for (int i = 0; i < m->man.n_stop; i++)
-        printf(" \"%s\"%s", m->man.stop[i], m->stop_ids[i] >= 0 ? "" : " (multi-token)");
+    for (int i = 0; i < m->man.n_stop; i++) printf(" \"%s\"", m->man.stop[i]);
     printf(", %s\n", m->man.temperature > 0 ? "sampled" : "greedy");
     printf("tokenizer  %d tokens\n", twn_tok_size(m->tok));
     twn_model_free(m);

@@ -34,18 +34,21 @@
  *  - Gate pass (embedding adapter): ids(embed) followed by the K query vectors as input
  *    embeddings (positions continue sequentially).  Pool the final-norm hidden states → e0.
  *    query_mean = mean over the K query rows; last_token = the last row; token:<t> = the row of the
- *    last occurrence of token <t>.  gate MLP on e0 (or e0/|e0| for pooled_normalized) → logit,
+ *    last occurrence of token <t> among the pass's ids (an item without it fails).  gate MLP on e0 (or e0/|e0| for pooled_normalized) → logit,
  *    p_think = sigmoid(logit).
  *  - Gate MLP: the .pt state_dict holds Linear layers "<i>.weight" [out,in] / "<i>.bias" [out]
  *    (nn.Sequential numbering; any common key prefix like "net." is accepted); layers are applied
  *    in index order with the activation between them (not after the last); the last has out = 1.
  *  - easy (p_think < threshold, or mode never): embedding = normalize(e0).
  *  - hard: reasoning adapter, prefill ids(reason), then decode (greedy unless sampling says
- *    otherwise) until a stop string is produced or max_think_tokens tokens are generated.  The CoT
- *    is the generated ids minus the stop tokens that completed the stop string.  Then embedding
- *    adapter over embed_cot ids + queries, pooled and normalized → the embedding.
+ *    otherwise) until a stop string is produced or max_think_tokens tokens are generated.  Stop
+ *    strings are matched in the raw bytes of the generated tokens (never the prompt) after each
+ *    token; the earliest-starting occurrence wins and the CoT is the generated tokens before the
+ *    one holding its first byte.  think_tokens counts all generated tokens, stops included.
+ *    Then embedding adapter over embed_cot ids + queries, pooled and normalized → the embedding.
  *  - Mode always skips the gate's decision (still reports p_think); budget=F thinks for the
- *    ceil(F * n) highest-p_think items of each window of n items. */
+ *    ceil(F * n - 1e-9) highest-p_think items of the batch of n items that passed the gate (ties:
+ *    earlier item first; the threshold is not applied). */
 #ifndef TWN_ENGINE_MANIFEST_H
 #define TWN_ENGINE_MANIFEST_H
 

@@ -517,19 +517,26 @@ int twn_tok_decode(const twn_tokenizer *t, const int32_t *ids, size_t n, bool sk
     twn_str raw = {0};
     for (size_t i = 0; i < n; i++) {
         int32_t id = ids[i];
-        if (id < 0 || id >= t->size || !(t->flags[id] & TOK_VALID)) {
+        if (id < 0) {
             twn_str_free(&raw);
-            return twn_err_set(err,
-                               "%s: token id %d at position %zu is not in the vocabulary "
-                               "(size %d)",
-                               t->name, id, i, t->size);
+            return twn_err_set(err, "%s: token id %d at position %zu is negative", t->name, id, i);
         }
+        if (id >= t->size || !(t->flags[id] & TOK_VALID)) continue; /* no token: no bytes */
         if (skip_special && (t->flags[id] & TOK_SPECIAL)) continue;
         twn_str_append(&raw, t->dec + t->dec_off[id], t->dec_off[id + 1] - t->dec_off[id]);
     }
     tok_utf8_lossy(raw.v ? raw.v : "", raw.n, out);
     twn_str_free(&raw);
     return 0;
+}
+
+const char *twn_tok_bytes(const twn_tokenizer *t, int32_t id, size_t *len) {
+    if (id < 0 || id >= t->size || !(t->flags[id] & TOK_VALID)) {
+        *len = 0;
+        return "";
+    }
+    *len = t->dec_off[id + 1] - t->dec_off[id];
+    return t->dec + t->dec_off[id];
 }
 
 int32_t twn_tok_id(const twn_tokenizer *t, const char *token) {

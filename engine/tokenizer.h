@@ -31,9 +31,17 @@ void twn_tok_free(twn_tokenizer *t);
 int twn_tok_encode(const twn_tokenizer *t, const char *text, size_t len, twn_ivec *out,
                    twn_err *err);
 /* Appends the decoded UTF-8 of ids to out; invalid UTF-8 sequences become U+FFFD (like
- * errors="replace"); skip_special drops added tokens marked special. */
+ * errors="replace"); skip_special drops added tokens marked special.  Ids that have no token
+ * (the padded embedding rows past the vocabulary, 151669..151935 in Qwen3, which a model can
+ * still generate) decode to nothing, as tokenizers' decode skips them; a negative id is an error.
+ */
 int twn_tok_decode(const twn_tokenizer *t, const int32_t *ids, size_t n, bool skip_special,
                    twn_str *out, twn_err *err);
+
+/* The raw bytes a token stands for (byte-level BPE mapped back through bytes_to_unicode, or an
+ * added token's UTF-8 content); *len = 0 and "" for an id with no token.  Stop strings are matched
+ * against these bytes. */
+const char *twn_tok_bytes(const twn_tokenizer *t, int32_t id, size_t *len);
 
 /* Id of a token string (vocab or added token), or -1. */
 int32_t twn_tok_id(const twn_tokenizer *t, const char *token);

@@ -1,5 +1,6 @@
 /* twn.c — TWN inference: model loading and the continuous-batching scheduler (see twn.h and the
  * semantics in manifest.h, which scripts/reference/twn_reference.py mirrors step for step). */
+#define _GNU_SOURCE /* memmem */
 #include "engine/twn.h"
 
 #include <math.h>
@@ -159,12 +160,6 @@ int twn_model_load(const char *manifest_path, twn_model **out, twn_err *err) {
                     m->man.queries_path);
         goto fail;
     }
-    for (int i = 0; i < m->man.n_stop; i++) {
-        twn_ivec ids = {0};
-        if (twn_tok_encode(m->tok, m->man.stop[i], strlen(m->man.stop[i]), &ids, err)) goto fail;
-        m->stop_ids[i] = ids.n == 1 ? ids.v[0] : -1;
-        twn_ivec_free(&ids);
-    }
     m->pool_token_id = -1;
     if (m->man.pooling == TWN_POOL_TOKEN) {
         m->pool_token_id = twn_tok_id(m->tok, m->man.pool_token);
@@ -279,11 +274,13 @@ typedef struct {
     state st;
     twn_kv kv;
     bool kv_live;
-    twn_ivec ids;  /* the rows this task feeds in its next prefill (queries excluded) */
-    int n_queries; /* query rows appended after ids in that prefill */
-    int32_t next;  /* decode: the token to feed */
-    twn_ivec cot;  /* generated ids */
-    float p;       /* p_think */
+    twn_ivec ids;      /* the rows this task feeds in its next prefill (queries excluded) */
+    int n_queries;     /* query rows appended after ids in that prefill */
+    int32_t next;      /* decode: the token to feed */
+    twn_ivec cot;      /* generated ids (cut to the CoT when a stop string ends it) */
+    twn_ivec starts;   /* byte offset in gen_bytes where each generated token starts */
+    twn_str gen_bytes; /* raw bytes of the generated tokens, for the stop-string scan */
+    float p;           /* p_think */
     bool hard;
     float *hidden; /* [rows, H] of the last prefill */
     float *logits; /* [V] */
@@ -328,8 +325,10 @@ static float gate_prob(const twn_model *m, const float *e0) {
     return p;
 }
 
-/* Pools the final-norm hidden rows of a prefill (manifest "pooling") into out[H]. */
-static void pool(const twn_model *m, const task *t, int rows, float *out) {
+/* Pools the final-norm hidden rows of a prefill (manifest "pooling") into out[H].  token:<t>
+ * pools the last occurrence of <t> among the pass's ids (queries excluded); an item whose ids do
+ * not hold it fails (scripts/reference refuses it too) rather than pooling some other row. */
+static int pool(const twn_model *m, const task *t, int rows, float *out, twn_err *e) {
     int H = m->lm->H;
     const float *h = t->hidden;
     if (m->man.pooling == TWN_POOL_QUERY_MEAN) {
@@ -337,16 +336,21 @@ static void pool(const twn_model *m, const task *t, int rows, float *out) {
         for (int r = rows - m->K; r < rows; r++)
             for (int i = 0; i < H; i++) out[i] += h[(size_t)r * H + i];
         for (int i = 0; i < H; i++) out[i] /= (float)m->K;
-        return;
+        return 0;
     }
     int row = rows - 1;
-    if (m->man.pooling == TWN_POOL_TOKEN)
-        for (int r = (int)t->ids.n - 1; r >= 0; r--)
-            if (t->ids.v[r] == m->pool_token_id) {
-                row = r;
-                break;
-            }
+    if (m->man.pooling == TWN_POOL_TOKEN) {
+        row = -1;
+        for (int r = (int)t->ids.n - 1; r >= 0 && row < 0; r--)
+            if (t->ids.v[r] == m->pool_token_id) row = r;
+        if (row < 0)
+            return twn_err_set(e,
+                               "pooling token:%s: the token (id %d) does not occur in the %zu "
+                               "prompt ids",
+                               m->man.pool_token, m->pool_token_id, t->ids.n);
+    }
     memcpy(out, h + (size_t)row * H, sizeof(float) * (size_t)H);
+    return 0;
 }
 
 typedef struct {
@@ -401,30 +405,35 @@ static int32_t pick(const twn_model *m, const float *logits, int V, uint64_t *rn
     return chosen;
 }
 
-/* Applies one generated token; returns true when the CoT is finished. */
+/* Applies one generated token; returns true when the CoT is finished.
+ *
+ * The stop rule is scripts/reference's (twn_ref_common.StopScanner), byte for byte: every stop
+ * string (single-token ones included) is searched in the concatenated raw BYTES of the generated
+ * tokens, after each token, for an occurrence that ends in the bytes just added; the earliest-
+ * starting occurrence wins, and the CoT is the generated tokens before the one holding the stop's
+ * first byte.  Tokens with no bytes (padded vocabulary rows) add nothing.  think_tokens counts
+ * every generated token, the stop tokens included. */
 static bool cot_step(const twn_model *m, task *t, int32_t tok, twn_result *r) {
     r->think_tokens++;
-    for (int i = 0; i < m->man.n_stop; i++)
-        if (m->stop_ids[i] >= 0 && tok == m->stop_ids[i]) return true;
+    size_t prev = t->gen_bytes.n, nb;
+    const char *b = twn_tok_bytes(m->tok, tok, &nb);
     twn_ivec_push(&t->cot, tok);
+    twn_ivec_push(&t->starts, (int32_t)prev);
+    twn_str_append(&t->gen_bytes, b, nb);
+    const char *buf = t->gen_bytes.v ? t->gen_bytes.v : "";
+    size_t n = t->gen_bytes.n;
+    long best = -1;
     for (int i = 0; i < m->man.n_stop; i++) {
-        if (m->stop_ids[i] >= 0) continue;
-        twn_str s = {0};
-        twn_tok_decode(m->tok, t->cot.v, t->cot.n, false, &s, NULL);
-        bool hit = s.v && strstr(s.v, m->man.stop[i]);
-        twn_str_free(&s);
-        if (!hit) continue;
-        /* drop the fewest trailing tokens whose text contains the stop string */
-        for (size_t k = 1; k <= t->cot.n; k++) {
-            twn_str tail = {0};
-            twn_tok_decode(m->tok, t->cot.v + t->cot.n - k, k, false, &tail, NULL);
-            bool in = tail.v && strstr(tail.v, m->man.stop[i]);
-            twn_str_free(&tail);
-            if (in) {
-                t->cot.n -= k;
-                break;
-            }
-        }
+        size_t sl = strlen(m->man.stop[i]);
+        size_t from = prev + 1 > sl ? prev + 1 - sl : 0;
+        const char *hit = from < n ? memmem(buf + from, n - from, m->man.stop[i], sl) : NULL;
+        if (hit && (best < 0 || hit - buf < best)) best = hit - buf;
+    }
+    if (best >= 0) {
+        size_t keep =
+            0; /* tokens whose first byte is at or before the stop's first byte, minus 1 */
+        while (keep < t->starts.n && t->starts.v[keep] <= best) keep++;
+        t->cot.n = keep - 1;
         return true;
     }
     return (int)r->think_tokens >= m->man.max_think_tokens;
@@ -494,6 +503,8 @@ int twn_embed_items(const twn_model *m, const twn_item *items, int n, const twn_
             if (o->mode == TWN_MODE_BUDGET) {
                 int scored = 0;
                 for (int i = 0; i < n; i++) scored += !res[i].error;
+                /* ceil(F*n) with a 1e-9 allowance, so budget=0.28 of 25 items is 7, not the 8
+                 * that 0.28*25 = 7.000000000000001 would give (scripts/reference: the same). */
                 quota = (int)ceil(o->budget * scored - 1e-9);
             }
             for (int i = 0; i < n; i++) {
@@ -607,7 +618,13 @@ int twn_embed_items(const twn_model *m, const twn_item *items, int n, const twn_
             switch (t->st) {
             case ST_GATE: {
                 r->embedding = twn_malloc(sizeof(float) * (size_t)H);
-                pool(m, t, seqs[s].n, r->embedding);
+                if (pool(m, t, seqs[s].n, r->embedding, &e)) {
+                    twn_kv_free(&t->kv);
+                    t->kv_live = false;
+                    fail_item(r, t, "pooling the gate pass", &e);
+                    done++;
+                    break;
+                }
                 if (o->mode != TWN_MODE_NEVER) t->p = r->p_think = gate_prob(m, r->embedding);
                 if (m->man.normalize) twn_cpu_l2_normalize(r->embedding, H, 1e-12f);
                 twn_kv_free(&t->kv);
@@ -639,7 +656,13 @@ int twn_embed_items(const twn_model *m, const twn_item *items, int n, const twn_
                 break;
             }
             case ST_EMBED_COT: {
-                pool(m, t, seqs[s].n, r->embedding);
+                if (pool(m, t, seqs[s].n, r->embedding, &e)) {
+                    twn_kv_free(&t->kv);
+                    t->kv_live = false;
+                    fail_item(r, t, "pooling the embedding pass", &e);
+                    done++;
+                    break;
+                }
                 if (m->man.normalize) twn_cpu_l2_normalize(r->embedding, H, 1e-12f);
                 twn_kv_free(&t->kv);
                 t->kv_live = false;
@@ -665,6 +688,8 @@ out:
         if (t->kv_live) twn_kv_free(&t->kv);
         twn_ivec_free(&t->ids);
         twn_ivec_free(&t->cot);
+        twn_ivec_free(&t->starts);
+        twn_str_free(&t->gen_bytes);
         twn_free(t->hidden);
         twn_free(t->logits);
         if (rc == 0 && res[i].error) {

@@ -35,7 +35,6 @@ typedef struct {
     } gate[TWN_MAX_GATE_LAYERS];
     int n_gate;
     int64_t gate_params;
-    int32_t stop_ids[TWN_MAX_STOPS]; /* token id when the stop string is one token, else -1 */
     int32_t pool_token_id;
     bool has_vision_weights;
 } twn_model;

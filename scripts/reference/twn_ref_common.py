@@ -31,8 +31,9 @@ the C engine must do the same — see README.md "Decisions"):
   * Greedy = argmax of the last position's logits in the model's dtype, lowest index on ties
     (torch.argmax returns the first maximal index).
   * budget=F: items are cut into consecutive windows of n items (the last may be shorter); each
-    window thinks for its ceil(F*n) highest p_think items (computed in double, exactly
-    math.ceil(F * n)), ties broken by item order.  The threshold is not applied in budget mode.
+    window thinks for its ceil(F*n - 1e-9) highest p_think items (in double: the allowance
+    makes budget=0.28 of 25 items 7, not the 8 of 0.28*25 = 7.000000000000001; engine/twn.c does
+    the same), ties broken by item order.  The threshold is not applied in budget mode.
 """
 
 from __future__ import annotations
@@ -534,7 +535,7 @@ def parse_mode(s):
 
 def budget_select(p, fraction, window=None):
     """budget=F: per consecutive window of `window` items (all items when None/0), the
-    ceil(F*n) items with the highest p think; ties go to the earlier item.  -> list of bools."""
+    ceil(F*n - 1e-9) items with the highest p think; ties go to the earlier item.  -> list of bools."""
     n_all = len(p)
     if n_all == 0:
         return []
@@ -545,7 +546,7 @@ def budget_select(p, fraction, window=None):
     for w0 in range(0, n_all, w):
         idx = list(range(w0, min(w0 + w, n_all)))
         n = len(idx)
-        k = min(n, max(0, int(math.ceil(fraction * n))))
+        k = min(n, max(0, int(math.ceil(fraction * n - 1e-9))))
         for i in sorted(idx, key=lambda j: (-p[j], j))[:k]:
             out[i] = True
     return out

@@ -175,9 +175,20 @@ static void test_decode(void **state) {
     twn_str_reset(&s);
     assert_int_equal(twn_tok_decode(tok, ids.v, ids.n, false, &s, &err), 0);
     assert_string_equal(s.v, chat);
-    int32_t bad = 151669;
+    /* Ids with no token (the padded embedding rows a model can still generate) decode to no
+     * bytes, as tokenizers' decode skips them; a negative id is an error. */
+    twn_str_reset(&s);
+    int32_t pad[3] = {151669, 9707, 151935}; /* 9707 = "Hello" */
+    assert_int_equal(twn_tok_decode(tok, pad, 3, false, &s, &err), 0);
+    assert_string_equal(s.v, "Hello");
+    size_t nb = 99;
+    assert_string_equal(twn_tok_bytes(tok, 151700, &nb), "");
+    assert_int_equal(nb, 0);
+    assert_memory_equal(twn_tok_bytes(tok, 9707, &nb), "Hello", 5);
+    assert_int_equal(nb, 5);
+    int32_t bad = -3;
     assert_int_equal(twn_tok_decode(tok, &bad, 1, false, &s, &err), -1);
-    assert_non_null(strstr(err.msg, "token id 151669 at position 0"));
+    assert_non_null(strstr(err.msg, "token id -3 at position 0 is negative"));
     twn_str_free(&s);
     twn_ivec_free(&ids);
 }

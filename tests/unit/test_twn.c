@@ -2,6 +2,7 @@
  * routes and modes, budget selection, continuous batching == items run alone, determinism,
  * never-mode == the gate pass's pooled state, per-item failures, and `twn embed` end to end with
  * malformed input dead-lettered. */
+#define _GNU_SOURCE /* memmem */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -134,6 +135,95 @@ static void test_budget(void **st) {
     assert_non_null(strstr(e.msg, "expected adaptive, never, always or budget=F"));
 }
 
+/* The stop rule (engine/manifest.h, scripts/reference StopScanner): stop strings are found in the
+ * raw bytes of the generated tokens; the earliest-starting occurrence wins; the CoT is the tokens
+ * before the one holding the stop's first byte; think_tokens counts through the completing token.
+ * Stop strings are cut out of a first, stop-free greedy run, so the test knows where they occur. */
+static void test_stop_rule(void **st) {
+    twn_item it = {.id = "s", .text = texts[7]};
+    char *saved[TWN_MAX_STOPS];
+    int n_saved = M->man.n_stop, max_saved = M->man.max_think_tokens;
+    memcpy(saved, M->man.stop, sizeof saved);
+    M->man.n_stop = 0;
+    M->man.max_think_tokens = 24;
+    twn_result g;
+    run(&it, 1, "always", &g);
+    assert_int_equal(g.think_tokens, 24);
+    assert_int_equal(g.n_cot, 24);
+    /* bytes and token starts of the stop-free generation */
+    char buf[24 * 256];
+    size_t start[25], n = 0;
+    for (int i = 0; i < 24; i++) {
+        size_t nb;
+        const char *b = twn_tok_bytes(M->tok, g.cot_ids[i], &nb);
+        start[i] = n;
+        memcpy(buf + n, b, nb);
+        n += nb;
+    }
+    start[24] = n;
+    /* token k and k+1 non-empty, no NUL; stop1 = last byte of k + first byte of k+1 (straddles),
+     * stop2 = all of token k+1 (starts later, completes at the same token); neither earlier. */
+    int k = -1;
+    char s1[3] = {0}, s2[256] = {0};
+    for (int c = 2; c < 20 && k < 0; c++) {
+        size_t l1 = start[c + 1] - start[c], l2 = start[c + 2] - start[c + 1];
+        if (!l1 || !l2 || memchr(buf, 0, start[c + 2])) continue;
+        s1[0] = buf[start[c + 1] - 1], s1[1] = buf[start[c + 1]];
+        memcpy(s2, buf + start[c + 1], l2);
+        s2[l2] = 0;
+        if (memmem(buf, start[c + 1] + 1, s1, 2) != buf + start[c + 1] - 1) continue;
+        if (memmem(buf, start[c + 2], s2, l2) != buf + start[c + 1]) continue;
+        k = c;
+    }
+    assert_true(k >= 2);
+    M->man.stop[0] = s2;
+    M->man.stop[1] = s1;
+    M->man.n_stop = 2;
+    twn_result r;
+    run(&it, 1, "always", &r);
+    assert_int_equal(r.think_tokens, k + 2);
+    assert_int_equal(r.n_cot, k); /* stop1 starts inside token k: token k goes too */
+    assert_memory_equal(r.cot_ids, g.cot_ids, sizeof(int32_t) * (size_t)k);
+    twn_result_free(&r);
+    M->man.n_stop = 1; /* stop2 alone: the CoT keeps token k */
+    run(&it, 1, "always", &r);
+    assert_int_equal(r.think_tokens, k + 2);
+    assert_int_equal(r.n_cot, k + 1);
+    twn_result_free(&r);
+    twn_result_free(&g);
+    memcpy(M->man.stop, saved, sizeof saved);
+    M->man.n_stop = n_saved;
+    M->man.max_think_tokens = max_saved;
+}
+
+/* token:<t> pooling: the last occurrence among the prompt ids; an item without it fails. */
+static void test_token_pooling(void **st) {
+    twn_pooling saved = M->man.pooling;
+    char *saved_tok = M->man.pool_token;
+    int32_t saved_id = M->pool_token_id;
+    M->man.pooling = TWN_POOL_TOKEN;
+    M->man.pool_token = "Hello";
+    M->pool_token_id = twn_tok_id(M->tok, "Hello");
+    assert_int_equal(M->pool_token_id, 9707);
+    twn_item it[2] = {{.id = "has", .text = "Hello there, Hello again"},
+                      {.id = "lacks", .text = "nothing to see"}};
+    twn_result r[2];
+    run(it, 2, "never", r);
+    assert_null(r[0].error);
+    assert_non_null(r[1].error);
+    assert_non_null(strstr(r[1].error, "pooling token:Hello: the token (id 9707) does not occur"));
+    /* the pooled row is not the last one: differs from last_token pooling */
+    M->man.pooling = TWN_POOL_LAST_TOKEN;
+    twn_result last;
+    run(it, 1, "never", &last);
+    assert_true(tu_max_abs(last.embedding, r[0].embedding, (size_t)last.dim) > 1e-3);
+    twn_result_free(&last);
+    for (int i = 0; i < 2; i++) twn_result_free(&r[i]);
+    M->man.pooling = saved;
+    M->man.pool_token = saved_tok;
+    M->pool_token_id = saved_id;
+}
+
 static void test_item_failures(void **st) {
     const char *imgs[] = {"cat.jpg"};
     twn_item it[3] = {{.id = "ok", .text = "fine"},
@@ -208,7 +298,8 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_modes),         cmocka_unit_test(test_batch_equals_alone),
         cmocka_unit_test(test_budget),        cmocka_unit_test(test_item_failures),
-        cmocka_unit_test(test_embed_cli),
+        cmocka_unit_test(test_embed_cli),     cmocka_unit_test(test_stop_rule),
+        cmocka_unit_test(test_token_pooling),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
