@@ -39,6 +39,7 @@ static float *load_f32(const twn_st_set *st, const char *name, int ndim, int64_t
         twn_err_wrap(err, "%s", twn_st_set_file_of(st, name));
         return NULL;
     }
+    twn_st_set_release(st, name);
     *bytes += n * sizeof(float);
     return buf;
 }
@@ -219,7 +220,7 @@ void twn_kv_truncate(twn_kv *kv, int len) {
     if (len < kv->len) kv->len = len;
 }
 
-static void kv_reserve(twn_kv *kv, int need) {
+void twn_kv_reserve(twn_kv *kv, int need) {
     if (need <= kv->cap) return;
     int cap = kv->cap ? kv->cap : 64;
     while (cap < need) cap *= 2;
@@ -264,6 +265,21 @@ int twn_lm_forward(const twn_lm *lm, twn_lm_seq *seqs, int n_seqs, twn_lm_trace_
             (seqs[s].adapter < 0 || seqs[s].adapter >= lm->n_adapters))
             return twn_err_set(err, "sequence %d: adapter index %d is not attached", s,
                                seqs[s].adapter);
+        const twn_lm_deepstack *ds = seqs[s].deepstack;
+        if (ds) {
+            if (ds->n_layers < 0 || ds->n_layers > lm->L || ds->n_rows < 0 ||
+                (ds->n_rows && (!ds->rows || !ds->feat)))
+                return twn_err_set(err,
+                                   "sequence %d: DeepStack has %d layer(s) of %d row(s); expected "
+                                   "at most %d layers and rows with features",
+                                   s, ds->n_layers, ds->n_rows, lm->L);
+            for (int j = 0; j < ds->n_rows; j++)
+                if (ds->rows[j] < 0 || ds->rows[j] >= seqs[s].n)
+                    return twn_err_set(err,
+                                       "sequence %d: DeepStack row %d is outside the step's %d "
+                                       "row(s)",
+                                       s, ds->rows[j], seqs[s].n);
+        }
         T += seqs[s].n;
     }
     if (T == 0) return 0;
@@ -334,7 +350,7 @@ int twn_lm_forward(const twn_lm *lm, twn_lm_seq *seqs, int n_seqs, twn_lm_trace_
                 sn[(size_t)r * half + j] = sinf(ang);
             }
         }
-        kv_reserve(sq->kv, sq->kv->len + sq->n);
+        twn_kv_reserve(sq->kv, sq->kv->len + sq->n);
     }
 
     const float scale = 1.0f / sqrtf((float)D);
@@ -372,6 +388,16 @@ int twn_lm_forward(const twn_lm *lm, twn_lm_seq *seqs, int n_seqs, twn_lm_trace_
         if (trace)
             for (int s = 0; s < n_seqs; s++)
                 if (seqs[s].n) trace(trace_ctx, s, l, x + (size_t)row0[s] * H, seqs[s].n, H);
+        /* DeepStack: hidden_states[visual_pos_masks] += deepstack_visual_embeds[l] */
+        for (int s = 0; s < n_seqs; s++) {
+            const twn_lm_deepstack *ds = seqs[s].deepstack;
+            if (!ds || l >= ds->n_layers) continue;
+            for (int j = 0; j < ds->n_rows; j++) {
+                float *xr = x + (size_t)(row0[s] + ds->rows[j]) * H;
+                const float *f = ds->feat + ((size_t)l * ds->n_rows + j) * H;
+                for (int h = 0; h < H; h++) xr[h] += f[h];
+            }
+        }
     }
 
     twn_cpu_rmsnorm(xn, x, lm->final_norm, T, H, H, eps);

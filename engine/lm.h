@@ -40,7 +40,7 @@ typedef struct twn_lm {
     float *lm_head;    /* [V, H]; == embed when tied */
     float *final_norm; /* [H] */
     twn_lm_layer *layers;
-    float *inv_freq;   /* [D/2] */
+    float *inv_freq;      /* [D/2] */
     uint8_t *rope_stream; /* [D/2]: which position stream (0 T, 1 H, 2 W) drives frequency j */
     const twn_adapter *adapters[TWN_MAX_ADAPTERS];
     const twn_lora *embed_lora[TWN_MAX_ADAPTERS];
@@ -66,11 +66,26 @@ typedef struct {
 
 void twn_kv_init(twn_kv *kv, const twn_lm *lm);
 void twn_kv_free(twn_kv *kv);
+/* Makes room for `need` rows (capacity doubles from 64 otherwise, and each growth copies the
+ * cache); callers that know a sequence's final length (prompt + max_think_tokens) reserve it. */
+void twn_kv_reserve(twn_kv *kv, int need);
 /* Forgets everything after the first `len` rows. */
 void twn_kv_truncate(twn_kv *kv, int len);
 
-#define TWN_NO_ADAPTER (-1)
+#define TWN_NO_ADAPTER  (-1)
 #define TWN_TOKEN_EMBED (-1) /* ids[i] == this: take the row from embeds */
+
+/* DeepStack features of one sequence's prefill (Qwen3VLTextModel._deepstack_process): right
+ * after decoder layer l (l < n_layers) returns, feat[l][j] is added to the hidden state of row
+ * rows[j] (the image token rows, in order).  Only a prefill that carries the image's vision
+ * output passes them; decode steps and text rows never get any (the reference drops pixel values
+ * once the prompt is cached). */
+typedef struct {
+    int n_layers; /* feature sets, one per decoder layer from layer 0; <= the model's L */
+    int n_rows;
+    const int32_t *rows; /* [n_rows] row indices within this step's n rows, each in [0, n) */
+    const float *feat;   /* [n_layers][n_rows][H] */
+} twn_lm_deepstack;
 
 /* One sequence's part of a forward step. */
 typedef struct {
@@ -82,10 +97,12 @@ typedef struct {
     int adapter;         /* TWN_NO_ADAPTER or an attached index */
     float *hidden;       /* out [n, H] final-norm hidden states, or NULL */
     float *logits;       /* out [V] logits of the last new row, or NULL */
+    const twn_lm_deepstack *deepstack; /* NULL: none */
 } twn_lm_seq;
 
 /* Observer of per-layer hidden states (golden tests): called after each decoder layer with the
- * rows of every sequence ([n, H] each). */
+ * rows of every sequence ([n, H] each), before that layer's DeepStack features are added (where
+ * the reference's forward hook on the decoder layer sees them). */
 typedef void (*twn_lm_trace_fn)(void *ctx, int seq, int layer, const float *h, int n, int H);
 
 int twn_lm_forward(const twn_lm *lm, twn_lm_seq *seqs, int n_seqs, twn_lm_trace_fn trace,

@@ -579,6 +579,18 @@ const char *twn_st_set_file_of(const twn_st_set *s, const char *name) {
     return r ? s->files[r->file]->path : NULL;
 }
 
+void twn_st_set_release(const twn_st_set *s, const char *name) {
+    const st_ref *r = set_find(s, name);
+    if (!r) return;
+    const twn_st_file *f = s->files[r->file];
+    const twn_tensor *t = twn_st_find(f, name);
+    const uint8_t *p = t ? (const uint8_t *)t->data : NULL;
+    if (!f->mapped || !p || p < f->base || p >= f->base + f->len) return;
+    uintptr_t pg = (uintptr_t)sysconf(_SC_PAGESIZE);
+    uintptr_t lo = ((uintptr_t)p + pg - 1) & ~(pg - 1), hi = ((uintptr_t)p + t->nbytes) & ~(pg - 1);
+    if (hi > lo) madvise((void *)lo, hi - lo, MADV_DONTNEED);
+}
+
 // ------------------------------------------------------------------------------------------------
 // Writer
 

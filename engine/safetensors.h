@@ -46,6 +46,11 @@ const twn_tensor *twn_st_set_at(const twn_st_set *s, size_t i);
 const twn_tensor *twn_st_set_find(const twn_st_set *s, const char *name);
 /* The file (path) a tensor came from, for error messages. */
 const char *twn_st_set_file_of(const twn_st_set *s, const char *name);
+/* Drops the resident pages of a tensor's bytes from this process (madvise MADV_DONTNEED on the
+ * whole pages inside it) when they come from a file mapping; the data stays readable (it is paged
+ * in again from the file).  Loaders call it after upcasting a tensor, so peak RSS stays near the
+ * fp32 copy instead of fp32 + the mapped file.  No effect on borrowed or realigned memory. */
+void twn_st_set_release(const twn_st_set *s, const char *name);
 
 /* Writer: collects tensors (data is copied) and streams one file atomically (tmp file, fsync,
  * rename), header padded with spaces to a multiple of 8 bytes.  Tensors are laid out by dtype

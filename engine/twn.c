@@ -555,6 +555,9 @@ int twn_embed_items(const twn_model *m, const twn_item *items, int n, const twn_
                 if (pre && t->st == ST_REASON) active++;
                 if (!t->kv_live) {
                     twn_kv_init(&t->kv, lm);
+                    /* a CoT grows one row per step: reserve its whole length up front */
+                    twn_kv_reserve(&t->kv,
+                                   need + (t->st == ST_REASON ? m->man.max_think_tokens : 0));
                     t->kv_live = true;
                 }
                 twn_lm_seq *s = &seqs[ns];

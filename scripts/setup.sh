@@ -10,7 +10,7 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
 PKGS=(
   build-essential cmake pkg-config git ca-certificates clang libclang-rt-14-dev
-  libopenblas-dev libjansson-dev libpcre2-dev libutf8proc-dev libzip-dev libcmocka-dev libssl-dev
+  libopenblas-dev libopenblas-openmp-dev libjansson-dev libpcre2-dev libutf8proc-dev libzip-dev libcmocka-dev libssl-dev
   libzmq3-dev libprotobuf-c-dev protobuf-c-compiler librdkafka-dev libfaiss-dev libzstd-dev
   libcurl4-openssl-dev libturbojpeg0-dev libpng-dev libwebp-dev libexif-dev
   nodejs npm python3 python3-pil python3-numpy

@@ -27,8 +27,10 @@ void twn_cpu_attention(const float *q, const float *k, const float *v, float *ou
     int rep = nh / nkv, qs = nh * D, ks = nkv * D, past = L - n;
     if (n >= 8) {
         float *S = twn_malloc((size_t)n * L * sizeof(float) * (size_t)nh);
-        /* Heads are independent; OpenMP over heads with single-threaded BLAS inside would be
-         * ideal, but OpenBLAS's pool is shared, so run heads serially and let sgemm thread. */
+        /* Heads are independent: one OpenMP thread per head.  The engine links the OpenMP
+         * build of OpenBLAS, which runs a GEMM called inside a parallel region on the calling
+         * thread, so the two never oversubscribe the cores. */
+#pragma omp parallel for schedule(dynamic, 1) if (nh > 1 && (double)n * L * D >= 65536.0)
         for (int h = 0; h < nh; h++) {
             float *Sh = S + (size_t)h * n * L;
             const float *kh = k + (size_t)(h / rep) * D, *vh = v + (size_t)(h / rep) * D;
@@ -53,6 +55,7 @@ void twn_cpu_attention(const float *q, const float *k, const float *v, float *ou
             for (int j = 0; j < valid; j++) {
                 const float *kj = kh + (size_t)j * ks;
                 float d = 0.f;
+#pragma omp simd reduction(+ : d)
                 for (int i = 0; i < D; i++) d += qh[i] * kj[i];
                 sc[j] = d * scale;
             }
