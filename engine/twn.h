@@ -14,11 +14,9 @@
 #include <stdint.h>
 
 #include "engine/adapter.h"
-#include "engine/image.h"
 #include "engine/lm.h"
 #include "engine/manifest.h"
 #include "engine/tokenizer.h"
-#include "engine/vision.h"
 #include "util/err.h"
 
 #define TWN_MAX_GATE_LAYERS 8
@@ -39,9 +37,6 @@ typedef struct {
     int64_t gate_params;
     int32_t pool_token_id;
     bool has_vision_weights;
-    twn_vision *vision;         /* the base's vision tower; NULL for a text-only base */
-    twn_image_config image_cfg; /* base/preprocessor_config.json (defaults when absent) */
-    int32_t image_token_id;     /* <|image_pad|> (config.json image_token_id) */
 } twn_model;
 
 typedef enum { TWN_MODE_ADAPTIVE, TWN_MODE_NEVER, TWN_MODE_ALWAYS, TWN_MODE_BUDGET } twn_mode;
@@ -52,8 +47,6 @@ typedef struct {
     int max_step_rows; /* rows (tokens) per forward step; prompts longer than this run alone */
     int max_active;    /* sequences decoding at once (bounds KV memory) */
     int max_prompt_tokens; /* longer prompts fail the item */
-    int max_vision_patches; /* patches per vision-tower call (bounds its activations); a larger
-                               image runs alone */
 } twn_opts;
 
 void twn_opts_default(twn_opts *o);
@@ -64,7 +57,7 @@ typedef struct {
     const char *id;
     const char *text;        /* may be NULL */
     const char *instruction; /* NULL: the manifest's default_instruction */
-    const char *const *images; /* image file paths (JPEG, PNG, WebP), in prompt order */
+    const char *const *images;
     int n_images;
 } twn_item;
 
