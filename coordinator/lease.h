@@ -1,0 +1,126 @@
+/* lease.h — leases with deadlines: how the coordinator hands out work without trusting anyone.
+ *
+ * DESIGN.md §3 principle 3.  A pool holds a queue of work refs (opaque 64-bit values: a unit's
+ * sequence number, or unit<<32|item for a hard item) and the leases granted from it.  A lease
+ * gives a batch of refs to one worker until a deadline; heartbeats push the deadline out; when
+ * it passes (or the worker is declared dead) every ref the lease still holds goes back to the
+ * FRONT of the queue with one more attempt, so retried work is re-leased before new work.  A ref
+ * that has been leased max_attempts times and expired every time is poison: it is handed to the
+ * caller to dead-letter ("lease expired N times") instead of being queued again.
+ *
+ * The pool does not know what a ref means.  Three hooks connect it to the caller's state:
+ *   bind(ref, slot)   at grant: 1 = the ref still needs work (the caller records that lease
+ *                     `slot` now holds it), 0 = drop it (finished while it waited in the queue);
+ *   unbind(ref, slot) when a lease ends with the ref unsettled: forget the binding; 1 = it still
+ *                     needs work (queue it again), 0 = it finished meanwhile;
+ *   poison(ref, n)    the ref expired n == max_attempts times.
+ * The caller reports progress with twn_leases_settle(slot) once per ref that finished while
+ * bound to that lease; a lease whose refs are all settled closes.  A late ack from a previous
+ * holder therefore needs no special case: the ref is finished, so it is dropped at grant, not
+ * queued by unbind, and settles whatever lease holds it now, exactly once.
+ *
+ * A lease is ACTIVE (the holder is working; heartbeats renew it) until the holder says it has
+ * finished its part (twn_leases_finish); then it waits at most ack_timeout_s for the downstream
+ * acks (the index shards') that settle its refs, and heartbeats no longer extend it.
+ *
+ * Time is a double in seconds passed in by the caller (no hidden clock), so tests are exact.
+ * Worker ids are small integers (< TWN_LEASE_MAX_WORKERS) that the caller assigns. */
+#ifndef TWN_COORDINATOR_LEASE_H
+#define TWN_COORDINATOR_LEASE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "util/err.h"
+
+#define TWN_LEASE_MAX_WORKERS (1u << 16)
+#define TWN_LEASE_MAX_SLOTS   (1u << 24) /* concurrent leases per pool */
+
+typedef struct twn_lease_cfg {
+    double lease_s;             /* 30: deadline after a grant or renewal */
+    double heartbeat_s;         /* 5: the interval workers are told to heartbeat at */
+    uint32_t missed_heartbeats; /* 3: a worker silent for heartbeat_s * this is dead */
+    double ack_timeout_s;       /* 60: after finish, how long the refs' acks may take */
+    uint32_t max_attempts;      /* 3: leases of one ref that may expire before it is poison */
+} twn_lease_cfg;
+
+void twn_lease_cfg_default(twn_lease_cfg *cfg);
+/* Fails naming the field and its value when a setting is out of range. */
+int twn_lease_cfg_check(const twn_lease_cfg *cfg, twn_err *err);
+
+typedef struct twn_lease_hooks {
+    void *ctx;
+    int (*bind)(void *ctx, uint64_t ref, uint32_t slot);
+    int (*unbind)(void *ctx, uint64_t ref, uint32_t slot);
+    void (*poison)(void *ctx, uint64_t ref, uint32_t attempts);
+} twn_lease_hooks;
+
+/* A lease id: prefix (16 bits) | generation (24) | slot (24); never 0.  The prefix is the pool's
+ * id_prefix: the coordinator uses epoch << 1 | pool, so ids are unique across pools and across
+ * restarts (each run has a new epoch). */
+typedef uint64_t twn_lease_id;
+
+typedef struct twn_lease_grant {
+    twn_lease_id id;
+    uint32_t slot;
+    double deadline;
+    size_t n;                 /* refs granted */
+    const uint64_t *refs;     /* valid until the lease ends */
+    const uint32_t *attempts; /* per ref: 1 on its first lease, 2 on its second, ... */
+} twn_lease_grant;
+
+/* Why a lease ended without being settled, for counters. */
+typedef struct twn_lease_stats {
+    uint64_t granted, closed, expired, worker_deaths, requeued, poisoned, dropped, late;
+} twn_lease_stats;
+
+typedef struct twn_leases twn_leases;
+
+/* name ("unit", "hard batch") appears in error messages.  id_prefix (16 bits) tops every lease
+ * id of this pool; ids with a smaller prefix are from an earlier run (late), with a larger one
+ * were never issued. */
+twn_leases *twn_leases_new(const char *name, const twn_lease_cfg *cfg, const twn_lease_hooks *hooks,
+                           uint32_t id_prefix);
+void twn_leases_free(twn_leases *l);
+
+/* Queues a ref at the back (new work), with the attempts it already had (0 for new work). */
+void twn_leases_enqueue(twn_leases *l, uint64_t ref, uint32_t attempts);
+size_t twn_leases_queued(const twn_leases *l);
+/* Live leases (active or finished-awaiting-acks). */
+size_t twn_leases_live(const twn_leases *l);
+
+/* Grants up to max_refs queued refs (front first) to worker: returns 1 with *g filled, 0 when the
+ * queue holds nothing that still needs work, -1 for a bad worker id.  A grant also counts as a
+ * sign of life from the worker. */
+int twn_leases_grant(twn_leases *l, uint32_t worker, size_t max_refs, double now,
+                     twn_lease_grant *g, twn_err *err);
+
+/* 1 when id names a live lease (and *slot), 0 when it ended (expired, closed, or from an earlier
+ * run: a late message), -1 with a message when it was never issued by this pool. */
+int twn_leases_resolve(const twn_leases *l, twn_lease_id id, uint32_t *slot, twn_err *err);
+/* The holder of lease id finished its part; its refs now have ack_timeout_s to settle.
+ * Returns twn_leases_resolve's value. */
+int twn_leases_finish(twn_leases *l, twn_lease_id id, double now, twn_err *err);
+/* Renews one active lease: deadline = now + lease_s.  Returns twn_leases_resolve's value. */
+int twn_leases_renew(twn_leases *l, twn_lease_id id, double now, twn_err *err);
+/* A heartbeat from worker: renews every ACTIVE lease it holds; returns how many. */
+size_t twn_leases_heartbeat(twn_leases *l, uint32_t worker, double now);
+/* One ref bound to slot finished.  Returns 1 when that closed the lease. */
+int twn_leases_settle(twn_leases *l, uint32_t slot);
+
+/* Ends every lease whose deadline is <= now, and every lease of a worker that holds an ACTIVE
+ * lease and has been silent for heartbeat_s * missed_heartbeats (that worker is then forgotten;
+ * a worker whose leases are all finished may go quiet).  Returns leases ended. */
+size_t twn_leases_expire(twn_leases *l, double now);
+/* The worker is gone (crash reported by the transport, or missed heartbeats): ends all of its
+ * leases now, as expiries.  Returns leases ended. */
+size_t twn_leases_worker_dead(twn_leases *l, uint32_t worker);
+
+/* The lease in slot (live), for inspection and tests. */
+uint32_t twn_leases_worker_of(const twn_leases *l, uint32_t slot);
+double twn_leases_deadline(const twn_leases *l, uint32_t slot);
+/* Live leases held by worker. */
+size_t twn_leases_held(const twn_leases *l, uint32_t worker);
+const twn_lease_stats *twn_leases_stats(const twn_leases *l);
+
+#endif
