@@ -1,6 +1,7 @@
 /* cmd_embed.c — `twn embed`: embed a JSONL file of items with a TWN checkpoint.
  *
- * Reads items ({"id", "text", "instruction", "image"}), runs them through the TWN engine in
+ * Reads items ({"id", "text", "instruction", "image"}; "image" is a path relative to the JSONL
+ * file, or a list of them, for image and image+text items), runs them through the TWN engine in
  * windows of --batch items (one continuous-batching loop per window) and writes:
  *   OUT/embeddings.npy     float32 [N, dim], row k = the k-th item in items.jsonl
  *   OUT/items.jsonl        per item: id, row, route, p_think, think_tokens, cot
@@ -28,6 +29,7 @@ static void usage(FILE *f) {
                "  --mode M         adaptive (default) | never | always | budget=F\n"
                "  --batch N        items per scheduling window (default 64)\n"
                "  --max-active N   sequences decoding CoT at once (default 64)\n"
+               "  --max-vision-patches N  image patches per vision-tower call (default 16384)\n"
                "  --quiet          no progress lines\n");
 }
 
@@ -131,7 +133,8 @@ int twn_cmd_embed(int argc, char **argv) {
     static const struct option lo[] = {
         {"model", 1, 0, 'm'}, {"input", 1, 0, 'i'}, {"out", 1, 0, 'o'},
         {"mode", 1, 0, 'M'},  {"batch", 1, 0, 'b'}, {"max-active", 1, 0, 'a'},
-        {"quiet", 0, 0, 'q'}, {"help", 0, 0, 'h'},  {0, 0, 0, 0}};
+        {"quiet", 0, 0, 'q'}, {"help", 0, 0, 'h'},  {"max-vision-patches", 1, 0, 'V'},
+        {0, 0, 0, 0}};
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "", lo, NULL)) != -1) {
@@ -157,6 +160,9 @@ int twn_cmd_embed(int argc, char **argv) {
         case 'q':
             quiet = 1;
             break;
+        case 'V':
+            opts.max_vision_patches = atoi(optarg);
+            break;
         case 'h':
             usage(stdout);
             return 0;
@@ -165,7 +171,8 @@ int twn_cmd_embed(int argc, char **argv) {
             return 2;
         }
     }
-    if (!model || !input || !out || batch < 1 || opts.max_active < 1) {
+    if (!model || !input || !out || batch < 1 || opts.max_active < 1 ||
+        opts.max_vision_patches < 1) {
         usage(stderr);
         return 2;
     }

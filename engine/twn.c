@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "engine/cpu/ops.h"
+#include "engine/mrope.h"
 #include "engine/ptfile.h"
 #include "util/fileio.h"
 #include "util/mem.h"
@@ -139,6 +140,35 @@ out:
     return rc;
 }
 
+/* The vision tower and the image processor settings, when the base has a vision_config.  The
+ * processor's patch geometry must be the tower's (patch_dim and the merge both depend on it). */
+static int load_vision(twn_model *m, twn_err *err) {
+    twn_config cfg;
+    char *cfg_path = twn_path_join(m->man.base_dir, "config.json");
+    int rc = twn_config_load(cfg_path, &cfg, err);
+    twn_free(cfg_path);
+    if (rc) return -1;
+    m->image_token_id = cfg.image_token_id;
+    twn_image_config_default(&m->image_cfg);
+    if (!cfg.has_vision) return 0;
+    char *pp = twn_path_join(m->man.base_dir, "preprocessor_config.json");
+    rc = twn_path_exists(pp) ? twn_image_config_load(&m->image_cfg, pp, err) : 0;
+    const twn_image_config *ic = &m->image_cfg;
+    const twn_vision_config *vc = &cfg.vision;
+    if (!rc &&
+        (ic->patch_size != vc->patch_size || ic->temporal_patch_size != vc->temporal_patch_size ||
+         ic->merge_size != vc->spatial_merge_size))
+        rc = twn_err_set(err,
+                         "%s: patch_size %d, temporal_patch_size %d, merge_size %d differ from "
+                         "config.json vision_config (%d, %d, %d)",
+                         pp, ic->patch_size, ic->temporal_patch_size, ic->merge_size,
+                         vc->patch_size, vc->temporal_patch_size, vc->spatial_merge_size);
+    twn_free(pp);
+    if (rc || twn_vision_load(m->man.base_dir, &m->vision, err)) return -1;
+    m->has_vision_weights = true;
+    return 0;
+}
+
 int twn_model_load(const char *manifest_path, twn_model **out, twn_err *err) {
     twn_model *m = twn_calloc(1, sizeof *m);
     if (twn_manifest_load(manifest_path, &m->man, err)) {
@@ -153,7 +183,7 @@ int twn_model_load(const char *manifest_path, twn_model **out, twn_err *err) {
         twn_adapter_load(m->man.reasoning_dir, "reasoning", &m->reasoning, err) ||
         twn_lm_attach_adapter(m->lm, m->embedding, &m->emb_idx, err) ||
         twn_lm_attach_adapter(m->lm, m->reasoning, &m->rsn_idx, err) || load_gate(m, err) ||
-        load_queries(m, err))
+        load_queries(m, err) || load_vision(m, err))
         goto fail;
     if (m->man.pooling == TWN_POOL_QUERY_MEAN && m->K == 0) {
         twn_err_set(err, "%s: pooling query_mean needs at least one query in %s", m->man.path,
@@ -180,6 +210,7 @@ fail:
 void twn_model_free(twn_model *m) {
     if (!m) return;
     twn_lm_free(m->lm);
+    twn_vision_free(m->vision);
     twn_adapter_free(m->embedding);
     twn_adapter_free(m->reasoning);
     twn_tok_free(m->tok);
@@ -202,6 +233,7 @@ void twn_opts_default(twn_opts *o) {
     o->max_step_rows = 2048;
     o->max_active = 64;
     o->max_prompt_tokens = 32768;
+    o->max_vision_patches = 16384; /* 20 images of 448 x 448; ~0.7 GB of activations at 2B */
 }
 
 int twn_mode_parse(const char *s, twn_opts *o, twn_err *err) {
@@ -284,7 +316,31 @@ typedef struct {
     bool hard;
     float *hidden; /* [rows, H] of the last prefill */
     float *logits; /* [V] */
+    /* images: kept from the vision tower until the item is done (every prefill uses them) */
+    int n_img;
+    twn_image_patches *patches; /* [n_img], freed once the tower has run */
+    twn_grid *grids;            /* [n_img] */
+    int64_t *img_tokens;        /* [n_img] <|image_pad|> copies per image */
+    int64_t n_img_tokens;       /* their sum */
+    float *img_embeds;          /* [n_img_tokens, H] */
+    float *img_ds;              /* [n_ds][n_img_tokens][H] DeepStack features */
+    int n_ds;
+    int32_t *pos;      /* [3][ids.n + n_queries] positions of the next prefill (images only) */
+    int32_t *img_rows; /* [n_img_tokens] rows of the image tokens in ids */
 } task;
+
+static void task_drop_vision(task *t) {
+    for (int j = 0; t->patches && j < t->n_img; j++) twn_image_patches_free(&t->patches[j]);
+    twn_free(t->patches);
+    twn_free(t->grids);
+    twn_free(t->img_tokens);
+    twn_free(t->img_embeds);
+    twn_free(t->img_ds);
+    twn_free(t->pos);
+    twn_free(t->img_rows);
+    t->patches = NULL, t->grids = NULL, t->img_tokens = NULL, t->img_embeds = NULL;
+    t->img_ds = NULL, t->pos = NULL, t->img_rows = NULL;
+}
 
 static double act(twn_activation a, double x) {
     switch (a) {
@@ -446,15 +502,160 @@ static void fail_item(twn_result *r, task *t, const char *what, const twn_err *e
     t->st = ST_DONE;
 }
 
+/* Renders tpl for the item and expands each <|image_pad|> to its image's token count (n_img
+ * images; 0 for a text item or for a template part that must hold none), appending to out. */
+static int render_expand(const twn_model *m, const char *tpl, const twn_item *it, const task *t,
+                         int n_img, twn_ivec *out, twn_err *e) {
+    twn_ivec raw = {0};
+    int rc = twn_render_ids(m, tpl, it, &raw, e);
+    if (!rc) rc = twn_mrope_expand(raw.v, raw.n, m->image_token_id, t->img_tokens, n_img, out, e);
+    twn_ivec_free(&raw);
+    return rc;
+}
+
+/* For a prompt with images: the 3-stream positions of ids followed by the n_queries query rows
+ * (get_rope_index; the queries continue as text), and the rows of the image tokens. */
+static int prepare_rows(const twn_model *m, task *t, twn_err *e) {
+    twn_free(t->pos);
+    twn_free(t->img_rows);
+    t->pos = NULL;
+    t->img_rows = NULL;
+    if (!t->n_img) return 0;
+    const size_t n = t->ids.n, need = n + (size_t)t->n_queries;
+    int32_t *p = twn_malloc(sizeof(int32_t) * 3 * (n ? n : 1)), next;
+    if (twn_mrope_positions(t->ids.v, n, m->image_token_id, t->grids, t->n_img, m->vision->merge, 0,
+                            p, &next, e)) {
+        twn_free(p);
+        return -1;
+    }
+    t->pos = twn_malloc(sizeof(int32_t) * 3 * need);
+    for (int s = 0; s < 3; s++) {
+        memcpy(t->pos + s * need, p + s * n, sizeof(int32_t) * n);
+        for (int q = 0; q < t->n_queries; q++) t->pos[s * need + n + (size_t)q] = next + q;
+    }
+    twn_free(p);
+    t->img_rows = twn_malloc(sizeof(int32_t) * (size_t)(t->n_img_tokens ? t->n_img_tokens : 1));
+    int64_t k = 0;
+    for (size_t i = 0; i < n; i++)
+        if (t->ids.v[i] == m->image_token_id) t->img_rows[k++] = (int32_t)i;
+    return 0; /* k == n_img_tokens: twn_mrope_positions matched every image's run */
+}
+
+/* embed_cot = prefix (with the images) + the CoT ids as generated + suffix (no images), as
+ * scripts/reference builds it. */
 static int prepare_embed_cot(const twn_model *m, const twn_item *it, task *t, twn_err *e) {
     const char *tpl = m->man.tpl_embed_cot, *at = strstr(tpl, "{cot}");
     char *pre = twn_strndup(tpl, (size_t)(at - tpl));
     t->ids.n = 0;
-    int rc = twn_render_ids(m, pre, it, &t->ids, e);
+    int rc = render_expand(m, pre, it, t, t->n_img, &t->ids, e);
     twn_free(pre);
     if (rc) return -1;
     twn_ivec_append(&t->ids, t->cot.v, t->cot.n);
-    return twn_render_ids(m, at + 5, it, &t->ids, e);
+    return render_expand(m, at + 5, it, t, 0, &t->ids, e);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Images */
+
+/* Decodes and preprocesses an item's images; fills grids and token counts. */
+static int prepare_images(const twn_model *m, const twn_item *it, task *t, twn_err *e) {
+    if (!m->vision)
+        return twn_err_set(e, "item has %d image(s) but the base model %s has no vision tower",
+                           it->n_images, m->man.base_dir);
+    t->n_img = it->n_images;
+    t->patches = twn_calloc((size_t)t->n_img, sizeof *t->patches);
+    t->grids = twn_calloc((size_t)t->n_img, sizeof *t->grids);
+    t->img_tokens = twn_calloc((size_t)t->n_img, sizeof *t->img_tokens);
+    for (int j = 0; j < t->n_img; j++) {
+        twn_image_patches *p = &t->patches[j];
+        if (twn_image_prepare_file(it->images[j], &m->image_cfg, p, e)) return -1;
+        if (p->patch_dim != m->vision->patch_dim)
+            return twn_err_set(e, "%s: %d values per patch, the vision tower takes %d",
+                               it->images[j], p->patch_dim, m->vision->patch_dim);
+        t->grids[j] = (twn_grid){p->grid_t, p->grid_h, p->grid_w};
+        t->img_tokens[j] = twn_vision_tokens(m->vision, p->grid_t, p->grid_h, p->grid_w);
+        t->n_img_tokens += t->img_tokens[j];
+    }
+    return 0;
+}
+
+/* Runs the vision tower over the images of every item still alive, whole items per call and at
+ * most o->max_vision_patches patches per call (an item larger than that runs alone), and gives
+ * each item its embeddings and DeepStack features.  A failing call fails the items in it.  Frees
+ * the patches. */
+static void run_vision(const twn_model *m, task *tasks, int n, const twn_opts *o, twn_result *res,
+                       int *done) {
+    const twn_vision *v = m->vision;
+    const int H = m->lm->H;
+    int *members = twn_malloc(sizeof(int) * (size_t)(n ? n : 1));
+    twn_vision_image *im = NULL;
+    int i = 0;
+    while (v && i < n) {
+        /* gather whole items up to the patch budget */
+        int nm = 0, nimg = 0;
+        int64_t patches = 0;
+        for (; i < n; i++) {
+            task *t = &tasks[i];
+            if (t->st == ST_DONE || !t->n_img) continue;
+            int64_t p = 0;
+            for (int j = 0; j < t->n_img; j++) p += t->patches[j].n_patches;
+            if (nm && patches + p > o->max_vision_patches) break;
+            members[nm++] = i;
+            nimg += t->n_img;
+            patches += p;
+        }
+        if (!nm) break;
+        im = twn_realloc(im, sizeof *im * (size_t)nimg);
+        for (int a = 0, k = 0; a < nm; a++) {
+            const task *t = &tasks[members[a]];
+            for (int j = 0; j < t->n_img; j++, k++)
+                im[k] = (twn_vision_image){t->patches[j].pixels, t->patches[j].grid_t,
+                                           t->patches[j].grid_h, t->patches[j].grid_w};
+        }
+        twn_vision_out out;
+        twn_err e;
+        int frc = twn_vision_forward(v, im, nimg, NULL, NULL, &out, &e);
+        for (int a = 0, k = 0; a < nm; a++) {
+            task *t = &tasks[members[a]];
+            const size_t nt = (size_t)t->n_img_tokens;
+            twn_err ie = e;
+            int irc = frc;
+            if (!irc) {
+                t->n_ds = out.n_features;
+                t->img_embeds = twn_try_alloc(sizeof(float) * nt * (size_t)H + 1);
+                t->img_ds = twn_try_alloc(sizeof(float) * (size_t)out.n_features * nt * H + 1);
+                if (!t->img_embeds || !t->img_ds)
+                    irc = twn_err_set(&ie,
+                                      "cannot allocate the vision features of %zu image "
+                                      "tokens",
+                                      nt);
+            }
+            if (irc) { /* the call failed, or this item's buffers could not be had */
+                k += t->n_img;
+                fail_item(&res[members[a]], t, "vision tower", &ie);
+                ++*done;
+                continue;
+            }
+            int64_t tok = 0;
+            for (int j = 0; j < t->n_img; j++, k++) {
+                const int64_t o0 = out.offsets[k], cnt = out.offsets[k + 1] - o0;
+                memcpy(t->img_embeds + (size_t)tok * H, out.embeds + (size_t)o0 * H,
+                       sizeof(float) * (size_t)cnt * H);
+                for (int f = 0; f < out.n_features; f++)
+                    memcpy(t->img_ds + ((size_t)f * nt + (size_t)tok) * H,
+                           out.deepstack + ((size_t)f * out.n_tokens + (size_t)o0) * H,
+                           sizeof(float) * (size_t)cnt * H);
+                tok += cnt;
+            }
+        }
+        twn_vision_out_free(&out);
+        for (int a = 0; a < nm; a++) {
+            task *t = &tasks[members[a]];
+            for (int j = 0; j < t->n_img; j++) twn_image_patches_free(&t->patches[j]);
+        }
+    }
+    twn_free(im);
+    twn_free(members);
 }
 
 int twn_embed_items(const twn_model *m, const twn_item *items, int n, const twn_opts *o,
@@ -463,6 +664,7 @@ int twn_embed_items(const twn_model *m, const twn_item *items, int n, const twn_
     const int H = lm->H;
     task *tasks = twn_calloc((size_t)(n ? n : 1), sizeof *tasks);
     twn_lm_seq *seqs = twn_calloc((size_t)(n ? n : 1), sizeof *seqs);
+    twn_lm_deepstack *dss = twn_calloc((size_t)(n ? n : 1), sizeof *dss);
     int *who = twn_calloc((size_t)(n ? n : 1), sizeof *who);
     int rc = -1, done = 0;
     twn_err e;
@@ -472,24 +674,23 @@ int twn_embed_items(const twn_model *m, const twn_item *items, int n, const twn_
         res[i].dim = H;
         res[i].p_think = NAN;
         task *t = &tasks[i];
-        if (items[i].n_images > 0) {
-            twn_err_set(&e,
-                        "item has %d image(s); image input arrives with engine part 2 "
-                        "(issue 3) and this build reads text only",
-                        items[i].n_images);
+        t->n_queries = m->K;
+        if (items[i].n_images > 0 && prepare_images(m, &items[i], t, &e))
             fail_item(&res[i], t, "image", &e);
-        } else if (twn_render_ids(m, m->man.tpl_embed, &items[i], &t->ids, &e))
+        else if (render_expand(m, m->man.tpl_embed, &items[i], t, t->n_img, &t->ids, &e))
             fail_item(&res[i], t, "tokenizing the prompt", &e);
         else if ((int)t->ids.n + m->K > o->max_prompt_tokens) {
             twn_err_set(&e, "prompt is %zu tokens; the limit is %d", t->ids.n + (size_t)m->K,
                         o->max_prompt_tokens);
             fail_item(&res[i], t, "prompt", &e);
-        } else {
+        } else if (prepare_rows(m, t, &e))
+            fail_item(&res[i], t, "image positions", &e);
+        else
             t->st = ST_GATE;
-            t->n_queries = m->K;
-        }
         if (t->st == ST_DONE) done++;
     }
+    /* the vision tower over every live item's images at once (in bounded calls) */
+    run_vision(m, tasks, n, o, res, &done);
 
     while (done < n) {
         /* Budget mode decides once every item of the window has its p_think. */
@@ -527,7 +728,9 @@ int twn_embed_items(const twn_model *m, const twn_item *items, int n, const twn_
                     continue;
                 }
                 t->ids.n = 0;
-                if (twn_render_ids(m, m->man.tpl_reason, &items[i], &t->ids, &e)) {
+                t->n_queries = 0;
+                if (render_expand(m, m->man.tpl_reason, &items[i], t, t->n_img, &t->ids, &e) ||
+                    prepare_rows(m, t, &e)) {
                     fail_item(&res[i], t, "tokenizing the reasoning prompt", &e);
                     twn_free(res[i].embedding);
                     res[i].embedding = NULL;
@@ -535,7 +738,6 @@ int twn_embed_items(const twn_model *m, const twn_item *items, int n, const twn_
                     continue;
                 }
                 t->st = ST_REASON;
-                t->n_queries = 0;
             }
             continue;
         }
@@ -571,16 +773,28 @@ int twn_embed_items(const twn_model *m, const twn_item *items, int n, const twn_
                     s->logits = t->logits;
                 } else {
                     s->n = need;
-                    /* ids followed by K query rows (TWN_TOKEN_EMBED) */
+                    /* ids followed by K query rows (TWN_TOKEN_EMBED); image rows are also
+                     * TWN_TOKEN_EMBED, with the tower's embeddings in order */
                     int32_t *ids = twn_malloc(sizeof(int32_t) * (size_t)need);
                     memcpy(ids, t->ids.v, sizeof(int32_t) * t->ids.n);
                     for (int q = 0; q < t->n_queries; q++) ids[t->ids.n + q] = TWN_TOKEN_EMBED;
                     s->ids = ids;
-                    if (t->n_queries) {
+                    if (t->n_queries || t->n_img) {
                         float *emb = twn_calloc((size_t)need * H, sizeof(float));
                         memcpy(emb + t->ids.n * (size_t)H, m->queries,
                                sizeof(float) * (size_t)t->n_queries * H);
+                        for (int64_t k = 0; k < (t->n_img ? t->n_img_tokens : 0); k++) {
+                            ids[t->img_rows[k]] = TWN_TOKEN_EMBED;
+                            memcpy(emb + (size_t)t->img_rows[k] * H, t->img_embeds + (size_t)k * H,
+                                   sizeof(float) * (size_t)H);
+                        }
                         s->embeds = emb;
+                    }
+                    if (t->n_img) { /* M-RoPE positions; DeepStack at the image rows */
+                        s->pos = t->pos;
+                        dss[ns] = (twn_lm_deepstack){t->n_ds, (int)t->n_img_tokens, t->img_rows,
+                                                     t->img_ds};
+                        s->deepstack = &dss[ns];
                     }
                     s->adapter = t->st == ST_REASON ? m->rsn_idx : m->emb_idx;
                     if (t->st == ST_REASON) {
@@ -645,13 +859,13 @@ int twn_embed_items(const twn_model *m, const twn_item *items, int n, const twn_
                 if (m->man.max_think_tokens == 0 || cot_step(m, t, tok, r)) {
                     twn_kv_free(&t->kv);
                     t->kv_live = false;
-                    if (prepare_embed_cot(m, &items[i], t, &e)) {
+                    t->n_queries = m->K;
+                    if (prepare_embed_cot(m, &items[i], t, &e) || prepare_rows(m, t, &e)) {
                         fail_item(r, t, "tokenizing the embedding prompt", &e);
                         done++;
                         break;
                     }
                     t->st = ST_EMBED_COT;
-                    t->n_queries = m->K;
                 } else {
                     t->next = tok;
                     t->st = ST_DECODE;
@@ -683,6 +897,8 @@ int twn_embed_items(const twn_model *m, const twn_item *items, int n, const twn_
                 break;
             }
         }
+        for (int i = 0; i < n; i++) /* finished items (easy, hard or failed) need no images */
+            if (tasks[i].st == ST_DONE && tasks[i].n_img) task_drop_vision(&tasks[i]);
     }
     rc = 0;
 out:
@@ -695,6 +911,7 @@ out:
         twn_str_free(&t->gen_bytes);
         twn_free(t->hidden);
         twn_free(t->logits);
+        task_drop_vision(t);
         if (rc == 0 && res[i].error) {
             twn_free(res[i].embedding);
             res[i].embedding = NULL;
@@ -702,6 +919,7 @@ out:
     }
     twn_free(tasks);
     twn_free(seqs);
+    twn_free(dss);
     twn_free(who);
     return rc;
 }

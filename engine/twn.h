@@ -5,7 +5,14 @@
  * steps (reasoning adapter) and CoT-conditioned embedding passes (embedding adapter): items enter
  * and leave the step set independently, so a long CoT never holds up easy items.
  *
- * Per-item failures (an over-long prompt, text the tokenizer refuses, an image this build cannot
+ * Images: each item's files are decoded and preprocessed (image.h), then the vision tower
+ * (vision.h) runs over the images of all items of the call together, in calls of at most
+ * max_vision_patches patches.  An item's <|image_pad|> tokens are expanded to its images' token
+ * counts, its image rows take the tower's embeddings, its prefills (gate, CoT prompt, embedding
+ * pass) get 3-stream M-RoPE positions (mrope.h) and the DeepStack features at the image rows;
+ * CoT decode steps continue from max position + 1 and get no features.
+ *
+ * Per-item failures (an over-long prompt, text the tokenizer refuses, an image that cannot be
  * read) are reported in that item's result and do not stop the others. */
 #ifndef TWN_ENGINE_TWN_H
 #define TWN_ENGINE_TWN_H
@@ -14,9 +21,11 @@
 #include <stdint.h>
 
 #include "engine/adapter.h"
+#include "engine/image.h"
 #include "engine/lm.h"
 #include "engine/manifest.h"
 #include "engine/tokenizer.h"
+#include "engine/vision.h"
 #include "util/err.h"
 
 #define TWN_MAX_GATE_LAYERS 8
@@ -37,16 +46,21 @@ typedef struct {
     int64_t gate_params;
     int32_t pool_token_id;
     bool has_vision_weights;
+    twn_vision *vision;         /* the base's vision tower; NULL for a text-only base */
+    twn_image_config image_cfg; /* base/preprocessor_config.json (defaults when absent) */
+    int32_t image_token_id;     /* <|image_pad|> (config.json image_token_id) */
 } twn_model;
 
 typedef enum { TWN_MODE_ADAPTIVE, TWN_MODE_NEVER, TWN_MODE_ALWAYS, TWN_MODE_BUDGET } twn_mode;
 
 typedef struct {
     twn_mode mode;
-    double budget;     /* TWN_MODE_BUDGET: fraction of items that may think */
-    int max_step_rows; /* rows (tokens) per forward step; prompts longer than this run alone */
-    int max_active;    /* sequences decoding at once (bounds KV memory) */
-    int max_prompt_tokens; /* longer prompts fail the item */
+    double budget;          /* TWN_MODE_BUDGET: fraction of items that may think */
+    int max_step_rows;      /* rows (tokens) per forward step; prompts longer than this run alone */
+    int max_active;         /* sequences decoding at once (bounds KV memory) */
+    int max_prompt_tokens;  /* longer prompts fail the item */
+    int max_vision_patches; /* patches per vision-tower call (bounds its activations); a larger
+                               image runs alone */
 } twn_opts;
 
 void twn_opts_default(twn_opts *o);
@@ -55,9 +69,9 @@ int twn_mode_parse(const char *s, twn_opts *o, twn_err *err);
 
 typedef struct {
     const char *id;
-    const char *text;        /* may be NULL */
-    const char *instruction; /* NULL: the manifest's default_instruction */
-    const char *const *images;
+    const char *text;          /* may be NULL */
+    const char *instruction;   /* NULL: the manifest's default_instruction */
+    const char *const *images; /* image file paths (JPEG, PNG, WebP), in prompt order */
     int n_images;
 } twn_item;
 

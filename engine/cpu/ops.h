@@ -38,4 +38,22 @@ void twn_cpu_attention(const float *q, const float *k, const float *v, float *ou
 /* y[i] = x[i] / max(||x||, eps)  (torch.nn.functional.normalize). */
 void twn_cpu_l2_normalize(float *x, int n, float eps);
 
+/* nn.LayerNorm in fp32 over `dim` (biased variance, eps inside the sqrt), weight and bias, for
+ * `rows` rows spaced `stride` apart (in-place allowed).  The vision tower's norm1/norm2/merger
+ * norms. */
+void twn_cpu_layernorm(float *out, const float *x, const float *w, const float *b, int rows,
+                       int dim, int stride, float eps);
+
+/* gelu_pytorch_tanh in place: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). */
+void twn_cpu_gelu_tanh(float *x, int64_t n);
+/* nn.GELU() (exact, erf) in place: 0.5 x (1 + erf(x / sqrt 2)). */
+void twn_cpu_gelu_erf(float *x, int64_t n);
+
+/* Bidirectional (non-causal) multi-head attention over one segment of n tokens, nh heads of D:
+ * head h of row t reads q[t*ldq + h*D ..], k/v likewise with ldk/ldv, and writes
+ * out[t*ldo + h*D ..].  Softmax in fp32 with max subtraction (eager_attention_forward without a
+ * mask).  Returns -1 only when the [n, n] score buffer cannot be allocated. */
+int twn_cpu_attention_full(const float *q, int ldq, const float *k, int ldk, const float *v,
+                           int ldv, float *out, int ldo, int n, int nh, int D, float scale);
+
 #endif

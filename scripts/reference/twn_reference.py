@@ -280,10 +280,13 @@ def source_facts():
 
 class _Capture:
     """Forward hooks on the decoder layers (input of layer 0, output of every layer) and on the
-    final norm of the text model."""
+    final norm of the text model; with `visual`, also on the vision tower's patch_embed, blocks,
+    DeepStack mergers and merger, recorded as "vis.patch_embed", "vis.block.<i>",
+    "vis.deepstack.<k>", "vis.merger" (the names engine/vision.c's trace uses)."""
 
-    def __init__(self, lm):
+    def __init__(self, lm, visual=None):
         self.lm = lm
+        self.visual = visual
 
     def __enter__(self):
         self.embed_in, self.layers, self.final, self.handles = None, [], [], []
@@ -301,6 +304,20 @@ class _Capture:
             self.handles.append(layer.register_forward_hook(layer_hook(i), with_kwargs=True))
         self.handles.append(self.lm.norm.register_forward_hook(
             lambda mod, a, o: self.final.append(o.detach().clone())))
+        self.vision = {}
+        if self.visual is not None:
+            def vis_hook(name):
+                def f(mod, args, out):
+                    o = out[0] if isinstance(out, (tuple, list)) else out
+                    self.vision[name] = o.detach().clone()
+                return f
+            v = self.visual
+            self.handles.append(v.patch_embed.register_forward_hook(vis_hook("vis.patch_embed")))
+            for i, blk in enumerate(v.blocks):
+                self.handles.append(blk.register_forward_hook(vis_hook("vis.block.%d" % i)))
+            for k, mg in enumerate(v.deepstack_merger_list):
+                self.handles.append(mg.register_forward_hook(vis_hook("vis.deepstack.%d" % k)))
+            self.handles.append(v.merger.register_forward_hook(vis_hook("vis.merger")))
         return self
 
     def __exit__(self, *exc):
@@ -693,6 +710,7 @@ class TorchEngine(C.Engine):
         for i, t in enumerate(layers):
             rec["hidden.layer%d" % i] = t
         rec["final"] = final
+        rec.update(cap.vision)
         logits_last = out.logits[0, n_ids - 1]
         rec["logits_last"] = logits_last
         # final == norm(last layer output): nothing happens between the last layer and the norm.
@@ -743,7 +761,7 @@ class TorchEngine(C.Engine):
             mask = torch.ones(1, T, dtype=torch.long, device=self.device)
             if vision is not None:
                 self._check_rope_index(ids, vision, positions)
-            with _Capture(self.lm) as cap:
+            with _Capture(self.lm, self.hf.model.visual if vision is not None else None) as cap:
                 out = self.hf(inputs_embeds=inp, attention_mask=mask, position_ids=pos, use_cache=False,
                               output_hidden_states=True, return_dict=True, **self._vision_kwargs(vision))
             rec = self._record(cap, out, len(ids), want_hs=True)
@@ -773,7 +791,7 @@ class TorchEngine(C.Engine):
             ids_t = torch.tensor([ids], dtype=torch.long, device=self.device)
             pos = torch.tensor(positions, dtype=torch.long, device=self.device).view(3, 1, len(ids))
             mask = torch.ones(1, len(ids), dtype=torch.long, device=self.device)
-            with _Capture(self.lm) as cap:
+            with _Capture(self.lm, self.hf.model.visual if vision is not None else None) as cap:
                 out = self.hf(input_ids=ids_t, attention_mask=mask, position_ids=pos, use_cache=True,
                               return_dict=True, **self._vision_kwargs(vision))
             rec = self._record(cap, out, len(ids), want_hs=False)
