@@ -247,8 +247,11 @@ int twn_cmd_embed(int argc, char **argv) {
                 continue;
             }
             items[nb].line = line_no;
-            view[nb] = (twn_item){items[nb].id, items[nb].text, items[nb].instruction,
-                                  (const char *const *)items[nb].images, items[nb].n_images};
+            view[nb] = (twn_item){.id = items[nb].id,
+                                  .text = items[nb].text,
+                                  .instruction = items[nb].instruction,
+                                  .images = (const char *const *)items[nb].images,
+                                  .n_images = items[nb].n_images};
             nb++;
         }
         if (!nb) continue;

@@ -568,10 +568,16 @@ static int prepare_images(const twn_model *m, const twn_item *it, task *t, twn_e
     t->img_tokens = twn_calloc((size_t)t->n_img, sizeof *t->img_tokens);
     for (int j = 0; j < t->n_img; j++) {
         twn_image_patches *p = &t->patches[j];
-        if (twn_image_prepare_file(it->images[j], &m->image_cfg, p, e)) return -1;
+        const char *name = it->images && it->images[j] ? it->images[j] : "image";
+        if (it->image_data && it->image_data[j]) {
+            if (twn_image_prepare_mem(it->image_data[j], it->image_size[j], name, &m->image_cfg, p,
+                                      e))
+                return -1;
+        } else if (twn_image_prepare_file(it->images[j], &m->image_cfg, p, e))
+            return -1;
         if (p->patch_dim != m->vision->patch_dim)
-            return twn_err_set(e, "%s: %d values per patch, the vision tower takes %d",
-                               it->images[j], p->patch_dim, m->vision->patch_dim);
+            return twn_err_set(e, "%s: %d values per patch, the vision tower takes %d", name,
+                               p->patch_dim, m->vision->patch_dim);
         t->grids[j] = (twn_grid){p->grid_t, p->grid_h, p->grid_w};
         t->img_tokens[j] = twn_vision_tokens(m->vision, p->grid_t, p->grid_h, p->grid_w);
         t->n_img_tokens += t->img_tokens[j];
@@ -685,7 +691,19 @@ int twn_embed_items(const twn_model *m, const twn_item *items, int n, const twn_
             fail_item(&res[i], t, "prompt", &e);
         } else if (prepare_rows(m, t, &e))
             fail_item(&res[i], t, "image positions", &e);
-        else
+        else if (o->pass == TWN_PASS_REASON) {
+            /* known hard: straight to the reasoning prompt (the gate ran elsewhere) */
+            res[i].hard = t->hard = true;
+            res[i].p_think = t->p = items[i].p_think;
+            res[i].embedding = twn_malloc(sizeof(float) * (size_t)H);
+            t->ids.n = 0;
+            t->n_queries = 0;
+            if (render_expand(m, m->man.tpl_reason, &items[i], t, t->n_img, &t->ids, &e) ||
+                prepare_rows(m, t, &e))
+                fail_item(&res[i], t, "tokenizing the reasoning prompt", &e);
+            else
+                t->st = ST_REASON;
+        } else
             t->st = ST_GATE;
         if (t->st == ST_DONE) done++;
     }
@@ -722,7 +740,12 @@ int twn_embed_items(const twn_model *m, const twn_item *items, int n, const twn_
                     hard = better < quota;
                 }
                 res[i].hard = t->hard = hard;
-                if (!hard) {
+                if (!hard || o->pass == TWN_PASS_GATE) {
+                    if (hard) { /* a reasoning worker takes it from here */
+                        res[i].deferred = true;
+                        twn_free(res[i].embedding);
+                        res[i].embedding = NULL;
+                    }
                     t->st = ST_DONE;
                     done++;
                     continue;

@@ -53,8 +53,16 @@ typedef struct {
 
 typedef enum { TWN_MODE_ADAPTIVE, TWN_MODE_NEVER, TWN_MODE_ALWAYS, TWN_MODE_BUDGET } twn_mode;
 
+/* Which part of TWN a call runs.  The pipeline splits an item's work between roles: the gate
+ * service runs TWN_PASS_GATE (easy items come back embedded; hard ones come back with hard and
+ * deferred set and no embedding) and a reasoning worker runs TWN_PASS_REASON on the hard ones (no
+ * gate pass: items are hard, their p_think is carried in twn_item.p_think).  Together they give
+ * exactly what TWN_PASS_ALL gives. */
+typedef enum { TWN_PASS_ALL = 0, TWN_PASS_GATE, TWN_PASS_REASON } twn_pass;
+
 typedef struct {
     twn_mode mode;
+    twn_pass pass;          /* TWN_PASS_ALL unless a pipeline role splits the work */
     double budget;          /* TWN_MODE_BUDGET: fraction of items that may think */
     int max_step_rows;      /* rows (tokens) per forward step; prompts longer than this run alone */
     int max_active;         /* sequences decoding at once (bounds KV memory) */
@@ -73,12 +81,18 @@ typedef struct {
     const char *instruction;   /* NULL: the manifest's default_instruction */
     const char *const *images; /* image file paths (JPEG, PNG, WebP), in prompt order */
     int n_images;
+    /* In-memory encoded images (WebDataset members), used instead of files when not NULL:
+     * image_data[i] of image_size[i] bytes, named images[i] in messages (may be NULL). */
+    const void *const *image_data;
+    const size_t *image_size;
+    float p_think; /* TWN_PASS_REASON: the gate's p_think, reported back unchanged */
 } twn_item;
 
 typedef struct {
     float *embedding; /* [dim], owned; NULL when the item failed */
     int dim;
     bool hard;
+    bool deferred;    /* TWN_PASS_GATE: hard, left for a reasoning worker (no embedding) */
     float p_think;    /* NaN in mode never */
     int think_tokens; /* tokens decoded for the CoT (including the stop token) */
     int32_t *cot_ids;

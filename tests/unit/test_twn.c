@@ -224,6 +224,59 @@ static void test_token_pooling(void **st) {
     M->pool_token_id = saved_id;
 }
 
+/* The pipeline's split: gate pass (hard items deferred) then reasoning pass on the hard ones
+ * gives exactly the one-call result, item by item. */
+static void test_split_passes(void **st) {
+    twn_item it[N_TEXTS];
+    items_of(it);
+    twn_result all[N_TEXTS], gate[N_TEXTS];
+    twn_opts o;
+    twn_err e;
+    twn_opts_default(&o);
+    assert_int_equal(twn_mode_parse("always", &o, &e), 0); /* every item hard: all paths run */
+    o.mode = TWN_MODE_BUDGET;
+    o.budget = 0.5;
+    if (twn_embed_items(M, it, N_TEXTS, &o, all, &e)) fail_msg("%s", e.msg);
+    o.pass = TWN_PASS_GATE;
+    if (twn_embed_items(M, it, N_TEXTS, &o, gate, &e)) fail_msg("%s", e.msg);
+    twn_item hard[N_TEXTS];
+    int idx[N_TEXTS], nh = 0;
+    for (int i = 0; i < N_TEXTS; i++) {
+        assert_null(gate[i].error);
+        assert_int_equal(gate[i].hard, all[i].hard);
+        assert_true(gate[i].p_think == all[i].p_think);
+        if (!gate[i].hard) {
+            assert_false(gate[i].deferred);
+            assert_memory_equal(gate[i].embedding, all[i].embedding, sizeof(float) * gate[i].dim);
+            continue;
+        }
+        assert_true(gate[i].deferred);
+        assert_null(gate[i].embedding);
+        assert_int_equal(gate[i].think_tokens, 0);
+        hard[nh] = it[i];
+        hard[nh].p_think = gate[i].p_think;
+        idx[nh++] = i;
+    }
+    assert_int_equal(nh, 4); /* budget 0.5 of 8 */
+    twn_result rs[N_TEXTS];
+    o.pass = TWN_PASS_REASON;
+    if (twn_embed_items(M, hard, nh, &o, rs, &e)) fail_msg("%s", e.msg);
+    for (int k = 0; k < nh; k++) {
+        const twn_result *a = &all[idx[k]];
+        assert_null(rs[k].error);
+        assert_true(rs[k].hard);
+        assert_true(rs[k].p_think == a->p_think);
+        assert_int_equal(rs[k].think_tokens, a->think_tokens);
+        assert_int_equal(rs[k].n_cot, a->n_cot);
+        assert_true(tu_max_abs(rs[k].embedding, a->embedding, (size_t)a->dim) < 1e-6);
+        twn_result_free(&rs[k]);
+    }
+    for (int i = 0; i < N_TEXTS; i++) {
+        twn_result_free(&all[i]);
+        twn_result_free(&gate[i]);
+    }
+}
+
 static void test_item_failures(void **st) {
     const char *imgs[] = {"cat.jpg"};
     twn_item it[3] = {{.id = "ok", .text = "fine"},
@@ -299,7 +352,7 @@ int main(void) {
         cmocka_unit_test(test_modes),         cmocka_unit_test(test_batch_equals_alone),
         cmocka_unit_test(test_budget),        cmocka_unit_test(test_item_failures),
         cmocka_unit_test(test_embed_cli),     cmocka_unit_test(test_stop_rule),
-        cmocka_unit_test(test_token_pooling),
+        cmocka_unit_test(test_token_pooling), cmocka_unit_test(test_split_passes),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
