@@ -15,6 +15,7 @@ static const command commands[] = {
     {"mkmodel", twn_cmd_mkmodel, "write a deterministic random TWN checkpoint"},
     {"tokenize", twn_cmd_tokenize, "print the token ids of a text (tokenizer.json)"},
     {"embed", twn_cmd_embed, "embed a JSONL file of items with a TWN checkpoint"},
+    {"run", twn_cmd_run, "run the whole pipeline in one process (threads over inproc://)"},
     {"inspect", twn_cmd_inspect, "print what a TWN checkpoint holds; refuse a broken one"},
     {"version", NULL, "print the version"},
 };

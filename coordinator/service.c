@@ -1,0 +1,578 @@
+/* service.c — the coordinator loop: ZeroMQ messages in, cstate calls, leases out (service.h). */
+#include "coordinator/service.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <zmq.h>
+
+#include "common/source.h"
+#include "common/transport.h"
+#include "util/clock.h"
+#include "util/log.h"
+#include "util/mem.h"
+
+void twn_coord_cfg_default(twn_coord_cfg *c) {
+    memset(c, 0, sizeof *c);
+    c->unit_items = 256;
+    c->heartbeat_s = 1.0;
+    c->missed_beats = 5;
+    c->model_hash = "";
+    twn_cstate_cfg_default(&c->cs);
+    c->hard_batch = c->cs.hard_batch;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Units and the refs of their hard items
+
+typedef struct hard_ref {
+    uint32_t item; /* index in the unit */
+    uint64_t offset, length, line;
+    float p_think;
+    char *id;
+} hard_ref;
+
+typedef struct cunit {
+    const twn_src_unit *u;
+    uint64_t key;
+    hard_ref *hard;
+    size_t n_hard, cap_hard;
+} cunit;
+
+typedef struct keyidx {
+    uint64_t key;
+    uint32_t idx;
+} keyidx;
+
+typedef struct peer_user {
+    uint32_t wid;
+    int role;
+    int shut; /* Shutdown sent */
+} peer_user;
+
+typedef struct coord {
+    const twn_coord_cfg *cfg;
+    twn_src_units plan;
+    cunit *units;
+    keyidx *keys;
+    size_t n;
+    twn_cstate *cs;
+    FILE *dl;
+    void *router;
+    twn_frame_opts fo;
+    twn_peers *peers;
+    uint32_t next_wid;
+    const Twn__ItemRef *cur_ref; /* the Reject being dead-lettered (for dead_letter.jsonl) */
+    int cur_stage;               /* its Twn__Stage */
+} coord;
+
+static int keyidx_cmp(const void *a, const void *b) {
+    uint64_t x = ((const keyidx *)a)->key, y = ((const keyidx *)b)->key;
+    return x < y ? -1 : x > y;
+}
+
+static cunit *unit_of(coord *c, uint64_t key) {
+    size_t lo = 0, hi = c->n;
+    while (lo < hi) {
+        size_t mid = (lo + hi) / 2;
+        if (c->keys[mid].key == key) return &c->units[c->keys[mid].idx];
+        if (c->keys[mid].key < key)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return NULL;
+}
+
+static hard_ref *hard_find(cunit *u, uint32_t item) {
+    for (size_t i = 0; i < u->n_hard; i++)
+        if (u->hard[i].item == item) return &u->hard[i];
+    return NULL;
+}
+
+static void hard_clear(cunit *u) {
+    for (size_t i = 0; i < u->n_hard; i++) twn_free(u->hard[i].id);
+    twn_free(u->hard);
+    u->hard = NULL;
+    u->n_hard = u->cap_hard = 0;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Dead letters: one JSON line each
+
+static const char *stage_name(int s) {
+    static const char *const names[] = {"unspecified", "read",   "parse", "decode",
+                                        "gate",        "reason", "embed", "index"};
+    return s >= 0 && s < 8 ? names[s] : "?";
+}
+
+static twn_stage journal_stage(int s) {
+    switch (s) {
+    case TWN__STAGE__STAGE_READ:
+    case TWN__STAGE__STAGE_PARSE:
+    case TWN__STAGE__STAGE_DECODE:
+        return TWN_STAGE_READ;
+    case TWN__STAGE__STAGE_REASON:
+        return TWN_STAGE_REASON;
+    case TWN__STAGE__STAGE_INDEX:
+        return TWN_STAGE_INDEX;
+    default:
+        return TWN_STAGE_GATE;
+    }
+}
+
+static void json_str(FILE *f, const char *s) {
+    fputc('"', f);
+    for (const unsigned char *p = (const unsigned char *)(s ? s : ""); *p; p++) {
+        if (*p == '"' || *p == '\\')
+            fprintf(f, "\\%c", *p);
+        else if (*p == '\n')
+            fputs("\\n", f);
+        else if (*p < 0x20)
+            fprintf(f, "\\u%04x", *p);
+        else
+            fputc(*p, f);
+    }
+    fputc('"', f);
+}
+
+static void on_dead_letter(void *ctx, uint64_t unit, uint32_t item, twn_stage stage,
+                           const char *reason) {
+    coord *c = ctx;
+    if (!c->dl) return;
+    cunit *u = unit_of(c, unit);
+    const Twn__ItemRef *r = c->cur_ref;
+    fputs("{\"ref\":{\"path\":", c->dl);
+    json_str(c->dl, u ? u->u->path : "");
+    fprintf(c->dl, ",\"unit\":%llu,\"index\":%llu", (unsigned long long)unit,
+            (unsigned long long)((u ? u->u->first_index : 0) + item));
+    if (r) {
+        fprintf(c->dl, ",\"offset\":%llu,\"length\":%llu,\"line\":%llu,\"id\":",
+                (unsigned long long)r->offset, (unsigned long long)r->length,
+                (unsigned long long)r->line);
+        json_str(c->dl, r->item_id);
+    }
+    fputs("},\"stage\":", c->dl);
+    json_str(c->dl, r ? stage_name(c->cur_stage) : twn_stage_name(stage));
+    fputs(",\"reason\":", c->dl);
+    json_str(c->dl, reason);
+    fputs("}\n", c->dl);
+    fflush(c->dl);
+}
+
+static void on_unit_done(void *ctx, uint64_t unit, const twn_unit_counts *cnt) {
+    (void)cnt;
+    cunit *u = unit_of(ctx, unit);
+    if (u) hard_clear(u);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Messages in
+
+static void warn(const char *what, const twn_err *err) {
+    twn_log(TWN_LOG_WARN, "coordinator: %s: %s", what, err->msg);
+}
+
+static int send_env(coord *c, const twn_peer_id *to, Twn__Envelope *env) {
+    twn_err e;
+    if (twn_send_msg(c->router, to, env, &c->fo, &e)) {
+        warn("send", &e);
+        return -1;
+    }
+    return 0;
+}
+
+static void send_shutdown(coord *c, twn_peer *p, const char *why) {
+    Twn__Shutdown sd = TWN__SHUTDOWN__INIT;
+    sd.reason = (char *)why;
+    Twn__Envelope env = TWN__ENVELOPE__INIT;
+    env.body_case = TWN__ENVELOPE__BODY_SHUTDOWN;
+    env.shutdown = &sd;
+    send_env(c, &p->id, &env);
+    if (p->user) ((peer_user *)p->user)->shut = 1;
+}
+
+static void on_hello(coord *c, const twn_peer_id *from, const Twn__Hello *h, double now) {
+    twn_peer *p = twn_peers_add(c->peers, from, now);
+    peer_user *pu = p->user;
+    if (!pu) {
+        pu = twn_calloc(1, sizeof *pu);
+        p->user = pu;
+    } else if (pu->wid) {
+        twn_cstate_worker_dead(c->cs, pu->wid); /* its predecessor's leases go back */
+    }
+    pu->wid = c->next_wid++;
+    if (c->next_wid >= TWN_LEASE_MAX_WORKERS) c->next_wid = 1;
+    pu->role = h->role;
+    p->role = h->role;
+    twn_credits_grant(&p->credits, h->credits);
+    Twn__Welcome w = TWN__WELCOME__INIT;
+    w.accepted = 1;
+    w.job_id = (char *)"twn";
+    w.heartbeat_ms = (uint32_t)(c->cfg->heartbeat_s * 1000.0);
+    w.missed_beats = c->cfg->missed_beats;
+    w.shards = c->cfg->shards;
+    w.n_shard_endpoints = c->cfg->shards;
+    w.shard_endpoints = (char **)c->cfg->shard_endpoints;
+    Twn__Envelope env = TWN__ENVELOPE__INIT;
+    env.body_case = TWN__ENVELOPE__BODY_WELCOME;
+    env.welcome = &w;
+    send_env(c, from, &env);
+    if (twn_cstate_all_done(c->cs)) send_shutdown(c, p, "job finished");
+}
+
+static void on_hard(coord *c, const Twn__HardItems *h) {
+    cunit *u = unit_of(c, h->unit_id);
+    if (!u) {
+        twn_log(TWN_LOG_WARN, "coordinator: HardItems for unknown unit %llu",
+                (unsigned long long)h->unit_id);
+        return;
+    }
+    uint32_t *items = twn_malloc((h->n_items + 1) * sizeof *items);
+    size_t n = 0;
+    for (size_t i = 0; i < h->n_items; i++) {
+        const Twn__HardItem *hi = h->items[i];
+        if (!hi->ref || hi->ref->item_index < u->u->first_index ||
+            hi->ref->item_index >= u->u->first_index + u->u->count)
+            continue;
+        uint32_t item = (uint32_t)(hi->ref->item_index - u->u->first_index);
+        items[n++] = item;
+        if (hard_find(u, item)) continue;
+        if (u->n_hard == u->cap_hard) {
+            u->cap_hard = u->cap_hard ? 2 * u->cap_hard : 16;
+            u->hard = twn_realloc(u->hard, u->cap_hard * sizeof *u->hard);
+        }
+        hard_ref *r = &u->hard[u->n_hard++];
+        r->item = item;
+        r->offset = hi->ref->offset;
+        r->length = hi->ref->length;
+        r->line = hi->ref->line;
+        r->p_think = hi->p_think;
+        r->id = twn_strdup(hi->ref->item_id ? hi->ref->item_id : "");
+    }
+    twn_err e;
+    if (n && twn_cstate_report_hard(c->cs, u->key, items, n, &e)) warn("HardItems", &e);
+    twn_free(items);
+}
+
+static void on_rejects(coord *c, const Twn__Rejects *r) {
+    for (size_t i = 0; i < r->n_items; i++) {
+        const Twn__Reject *j = r->items[i];
+        cunit *u = j->ref ? unit_of(c, j->ref->unit_id) : NULL;
+        if (!u || j->ref->item_index < u->u->first_index ||
+            j->ref->item_index >= u->u->first_index + u->u->count) {
+            twn_log(TWN_LOG_WARN, "coordinator: Reject for an unknown unit/item");
+            continue;
+        }
+        c->cur_ref = j->ref;
+        c->cur_stage = j->stage;
+        twn_err e;
+        if (twn_cstate_dead_letter(c->cs, u->key,
+                                   (uint32_t)(j->ref->item_index - u->u->first_index),
+                                   journal_stage(j->stage), j->reason ? j->reason : "", &e))
+            warn("Reject", &e);
+        c->cur_ref = NULL;
+    }
+}
+
+static void on_ack(coord *c, const Twn__Ack *a) {
+    for (size_t i = 0; i < a->n_ranges; i++) {
+        const Twn__AckRange *r = a->ranges[i];
+        cunit *u = unit_of(c, r->unit_id);
+        if (!u || r->first_index < u->u->first_index || r->count == 0 ||
+            r->first_index + r->count > u->u->first_index + u->u->count) {
+            twn_log(TWN_LOG_WARN, "coordinator: Ack for unknown unit %llu or items out of range",
+                    (unsigned long long)r->unit_id);
+            continue;
+        }
+        uint32_t lo = (uint32_t)(r->first_index - u->u->first_index);
+        twn_err e;
+        int rc;
+        if (r->route == TWN__ROUTE__ROUTE_HARD) {
+            uint32_t *items = twn_malloc(r->count * sizeof *items);
+            uint32_t *tt = twn_malloc(r->count * sizeof *tt);
+            for (uint32_t k = 0; k < r->count; k++) {
+                items[k] = lo + k;
+                tt[k] = r->think_tokens;
+            }
+            rc = twn_cstate_ack(c->cs, u->key, items, tt, r->count, TWN_ROUTE_HARD, &e);
+            twn_free(items);
+            twn_free(tt);
+        } else {
+            rc = twn_cstate_ack_range(c->cs, u->key, lo, lo + (uint32_t)r->count, TWN_ROUTE_EASY,
+                                      &e);
+        }
+        if (rc) warn("Ack", &e);
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Grants out
+
+static void grant_gate(coord *c, twn_peer *p, double now) {
+    peer_user *pu = p->user;
+    while (p->credits.avail > 0) {
+        twn_unit_grant g;
+        twn_err e;
+        int rc = twn_cstate_grant_unit(c->cs, pu->wid, now, &g, &e);
+        if (rc < 0) warn("grant unit", &e);
+        if (rc != 1) return;
+        cunit *u = unit_of(c, g.unit);
+        Twn__SourceRef s = TWN__SOURCE_REF__INIT;
+        twn_src_unit_to_proto(u->u, &s);
+        Twn__UnitLease l = TWN__UNIT_LEASE__INIT;
+        l.unit_id = g.unit;
+        l.source = &s;
+        l.attempt = g.attempt;
+        l.lease_id = g.lease;
+        Twn__Envelope env = TWN__ENVELOPE__INIT;
+        env.body_case = TWN__ENVELOPE__BODY_UNIT_LEASE;
+        env.unit_lease = &l;
+        if (twn_send_credited(c->router, p, &env, &c->fo, &e)) {
+            warn("UnitLease", &e);
+            return; /* the lease expires and the unit goes back */
+        }
+    }
+}
+
+static void grant_worker(coord *c, twn_peer *p, double now) {
+    peer_user *pu = p->user;
+    while (p->credits.avail > 0) {
+        twn_hard_grant g;
+        twn_err e;
+        int rc = twn_cstate_grant_hard(c->cs, pu->wid, c->cfg->hard_batch, now, &g, &e);
+        if (rc < 0) warn("grant hard", &e);
+        if (rc != 1) return;
+        Twn__HardItem *his = twn_calloc(g.n, sizeof *his);
+        Twn__HardItem **hp = twn_calloc(g.n, sizeof *hp);
+        Twn__ItemRef *refs = twn_calloc(g.n, sizeof *refs);
+        Twn__SourceRef *srcs = twn_calloc(g.n, sizeof *srcs);
+        size_t n = 0;
+        for (size_t i = 0; i < g.n; i++) {
+            cunit *u = unit_of(c, g.items[i].unit);
+            if (!u) continue;
+            hard_ref *hr = hard_find(u, g.items[i].item);
+            twn__source_ref__init(&srcs[n]);
+            twn_src_unit_to_proto(u->u, &srcs[n]);
+            twn__item_ref__init(&refs[n]);
+            refs[n].unit_id = u->key;
+            refs[n].item_index = u->u->first_index + g.items[i].item;
+            refs[n].source = &srcs[n];
+            if (hr) {
+                refs[n].offset = hr->offset;
+                refs[n].length = hr->length;
+                refs[n].line = hr->line;
+                refs[n].item_id = hr->id;
+            }
+            twn__hard_item__init(&his[n]);
+            his[n].ref = &refs[n];
+            his[n].p_think = hr ? hr->p_think : NAN;
+            hp[n] = &his[n];
+            n++;
+        }
+        Twn__ReasonLease l = TWN__REASON_LEASE__INIT;
+        l.batch_id = g.lease;
+        l.lease_id = g.lease;
+        l.n_items = n;
+        l.items = hp;
+        l.attempt = g.n ? g.items[0].attempt : 1;
+        Twn__Envelope env = TWN__ENVELOPE__INIT;
+        env.body_case = TWN__ENVELOPE__BODY_REASON_LEASE;
+        env.reason_lease = &l;
+        int bad = twn_send_credited(c->router, p, &env, &c->fo, &e);
+        twn_free(his);
+        twn_free(hp);
+        twn_free(refs);
+        twn_free(srcs);
+        if (bad) {
+            warn("ReasonLease", &e);
+            return;
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// The loop
+
+static void handle(coord *c, const twn_peer_id *from, Twn__Envelope *m, double now) {
+    if (m->body_case == TWN__ENVELOPE__BODY_HELLO) {
+        on_hello(c, from, m->hello, now);
+        return;
+    }
+    twn_peer *p = twn_peers_touch(c->peers, from, now);
+    peer_user *pu = p && p->alive ? p->user : NULL;
+    switch (m->body_case) {
+    case TWN__ENVELOPE__BODY_HEARTBEAT:
+        if (pu) twn_cstate_heartbeat(c->cs, pu->wid, now);
+        break;
+    case TWN__ENVELOPE__BODY_WORK_REQUEST:
+        if (pu) twn_credits_grant(&p->credits, m->work_request->credits);
+        break;
+    case TWN__ENVELOPE__BODY_HARD_ITEMS:
+        on_hard(c, m->hard_items);
+        break;
+    case TWN__ENVELOPE__BODY_REJECTS:
+        on_rejects(c, m->rejects);
+        break;
+    case TWN__ENVELOPE__BODY_ACK:
+        on_ack(c, m->ack);
+        break;
+    case TWN__ENVELOPE__BODY_FINISHED: {
+        twn_err e;
+        if (twn_cstate_finish(c->cs, m->finished->lease_id, now, &e) < 0) warn("Finished", &e);
+        break;
+    }
+    default:
+        break; /* Progress, UnitDone: informational */
+    }
+}
+
+static void coord_free(coord *c) {
+    for (size_t i = 0; i < c->n; i++) hard_clear(&c->units[i]);
+    twn_free(c->units);
+    twn_free(c->keys);
+    twn_src_units_free(&c->plan);
+    if (c->peers) {
+        for (size_t i = 0; i < twn_peers_count(c->peers); i++)
+            twn_free(twn_peers_at(c->peers, i)->user);
+        twn_peers_free(c->peers);
+    }
+    if (c->router) twn_sock_close(c->router);
+    if (c->dl) fclose(c->dl);
+}
+
+int twn_coord_run(const twn_coord_cfg *cfg, twn_coord_summary *sum, twn_err *err) {
+    coord c = {0};
+    c.cfg = cfg;
+    c.fo = twn_frame_opts_default();
+    c.next_wid = 1;
+    double t0 = twn_now();
+    char *sources = NULL;
+    int rc = -1;
+
+    if (twn_src_plan_files(cfg->inputs, cfg->n_inputs, TWN_SRC_AUTO, cfg->unit_items, &c.plan, err))
+        goto out;
+    c.n = c.plan.n;
+    c.units = twn_calloc(c.n + 1, sizeof *c.units);
+    c.keys = twn_calloc(c.n + 1, sizeof *c.keys);
+    twn_unit_spec *specs = twn_calloc(c.n + 1, sizeof *specs);
+    for (size_t i = 0; i < c.n; i++) {
+        const twn_src_unit *u = &c.plan.v[i];
+        c.units[i].u = u;
+        c.units[i].key = twn_unit_key(u->path, u->start, u->end - u->start);
+        c.keys[i] = (keyidx){c.units[i].key, (uint32_t)i};
+        specs[i] = (twn_unit_spec){c.units[i].key, (uint32_t)u->count};
+    }
+    qsort(c.keys, c.n, sizeof *c.keys, keyidx_cmp);
+
+    size_t len = 1;
+    for (size_t i = 0; i < cfg->n_inputs; i++) len += strlen(cfg->inputs[i]) + 1;
+    sources = twn_calloc(len, 1);
+    for (size_t i = 0; i < cfg->n_inputs; i++) {
+        strcat(sources, cfg->inputs[i]);
+        strcat(sources, "\n");
+    }
+    twn_plan_fp fp = {sources, cfg->unit_items, cfg->model_hash ? cfg->model_hash : ""};
+    twn_cstate_hooks hooks = {&c, on_dead_letter, on_unit_done};
+    if (cfg->dead_letter_path && !(c.dl = fopen(cfg->dead_letter_path, "a"))) {
+        twn_err_errno(err, "cannot open dead-letter file %s", cfg->dead_letter_path);
+        twn_free(specs);
+        goto out;
+    }
+    if (twn_cstate_open(cfg->journal_path, &fp, &cfg->cs, &hooks, &c.cs, NULL, err) ||
+        twn_cstate_add_units(c.cs, specs, c.n, err)) {
+        twn_free(specs);
+        goto out;
+    }
+    twn_free(specs);
+
+    twn_sock_opts so = twn_sock_opts_default();
+    so.linger_ms = 0;
+    if (!(c.router = twn_sock_new(cfg->zctx, ZMQ_ROUTER, &so, err)) ||
+        twn_sock_bind(c.router, cfg->endpoint, NULL, 0, err))
+        goto out;
+    c.peers = twn_peers_new(cfg->heartbeat_s, (int)cfg->missed_beats);
+
+    while (!twn_cstate_all_done(c.cs)) {
+        if (cfg->stop && *cfg->stop) {
+            twn_err_set(err, "coordinator: stopped before the job finished");
+            goto out;
+        }
+        twn_peer_id from;
+        Twn__Envelope *m = NULL;
+        twn_err e;
+        double now = twn_now();
+        switch (twn_recv_msg(c.router, 5, &c.fo, &from, &m, &e)) {
+        case TWN_RECV_MSG:
+            handle(&c, &from, m, now);
+            twn_msg_free(m);
+            break;
+        case TWN_RECV_BAD:
+            warn("bad message", &e);
+            break;
+        case TWN_RECV_TIMEOUT:
+            break;
+        case TWN_RECV_FAIL:
+            twn_err_set(err, "coordinator: control socket failed: %s", e.msg);
+            goto out;
+        }
+        now = twn_now();
+        twn_peer *dead[16];
+        size_t nd = twn_peers_expire(c.peers, now, dead, 16);
+        for (size_t i = 0; i < nd && i < 16; i++) {
+            peer_user *pu = dead[i]->user;
+            if (pu) twn_cstate_worker_dead(c.cs, pu->wid);
+        }
+        if (twn_cstate_tick(c.cs, now, err)) goto out;
+        for (size_t i = 0; i < twn_peers_count(c.peers); i++) {
+            twn_peer *p = twn_peers_at(c.peers, i);
+            if (!p->alive || !p->user) continue;
+            if (p->role == TWN__ROLE__ROLE_GATE)
+                grant_gate(&c, p, now);
+            else if (p->role == TWN__ROLE__ROLE_WORKER)
+                grant_worker(&c, p, now);
+        }
+    }
+    twn_cstate_stats st;
+    twn_cstate_stats_get(c.cs, &st);
+    if (twn_cstate_close(c.cs, err)) {
+        c.cs = NULL;
+        goto out;
+    }
+    c.cs = NULL;
+    for (size_t i = 0; i < twn_peers_count(c.peers); i++) {
+        twn_peer *p = twn_peers_at(c.peers, i);
+        if (p->alive) send_shutdown(&c, p, "job finished");
+    }
+    /* Peers that say anything after this (late Hellos included) are told to stop, for a while. */
+    double until = twn_now() + cfg->heartbeat_s * 2;
+    while (twn_now() < until) {
+        twn_peer_id from;
+        Twn__Envelope *m = NULL;
+        twn_err e;
+        twn_recv_status s = twn_recv_msg(c.router, 10, &c.fo, &from, &m, &e);
+        if (s == TWN_RECV_FAIL) break;
+        if (s != TWN_RECV_MSG) continue;
+        twn_peer *p = m->body_case == TWN__ENVELOPE__BODY_HELLO
+                          ? twn_peers_add(c.peers, &from, twn_now())
+                          : twn_peers_find(c.peers, &from);
+        if (p && (!p->user || !((peer_user *)p->user)->shut)) send_shutdown(&c, p, "job finished");
+        twn_msg_free(m);
+    }
+    memset(sum, 0, sizeof *sum);
+    sum->units = st.progress.units_done;
+    sum->items = st.progress.items_total;
+    sum->easy = st.progress.easy;
+    sum->hard = st.progress.hard;
+    sum->rejected = st.progress.rejected;
+    sum->think_tokens = st.progress.think_tokens;
+    sum->duplicates = st.progress.duplicates;
+    sum->seconds = twn_now() - t0;
+    rc = 0;
+out:
+    if (c.cs) twn_cstate_abandon(c.cs);
+    twn_free(sources);
+    coord_free(&c);
+    return rc;
+}

@@ -1,0 +1,56 @@
+/* service.h — the coordinator role: a ROUTER on the control endpoint around cstate.h.
+ *
+ * The loop plans the units of local JSONL/tar files, opens the journal (cstate), and translates
+ * messages into cstate calls (see cstate.h's header for which call goes with which message):
+ *   Hello -> Welcome (shard endpoints, heartbeat interval) + a fresh worker id for leases;
+ *   WorkRequest -> credits; units go to gates and hard batches to workers only against credits;
+ *   HardItems -> twn_cstate_report_hard (their refs are kept until the unit is done, so a
+ *   ReasonLease carries full refs; after a restart only (unit, item) is known: the ref then has
+ *   length 0 and the worker finds the item by scanning its unit);
+ *   Rejects -> twn_cstate_dead_letter + one line in dead_letter.jsonl;
+ *   Ack -> twn_cstate_ack / ack_range; Finished -> twn_cstate_finish; Heartbeat -> renewals.
+ * Peers silent past missed_beats intervals are declared dead (their leases re-queued).  When every
+ * unit is done it sends Shutdown to every peer and returns the job's summary.
+ *
+ * Item indices on the wire (ItemRef.item_index, EmbeddingItem.item_index, AckRange.first_index)
+ * are indices in the source object; the coordinator converts them to indices in the unit. */
+#ifndef TWN_COORDINATOR_SERVICE_H
+#define TWN_COORDINATOR_SERVICE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "coordinator/cstate.h"
+#include "util/err.h"
+
+typedef struct twn_coord_cfg {
+    void *zctx;                /* ZeroMQ context (shared with the other roles) */
+    const char *endpoint;      /* ROUTER bind, e.g. "inproc://twn-control" */
+    const char *const *inputs; /* local JSONL / tar files, in plan order */
+    size_t n_inputs;
+    uint64_t unit_items;                /* items per unit (256) */
+    const char *journal_path;           /* cstate journal */
+    const char *dead_letter_path;       /* dead_letter.jsonl (appended) */
+    const char *model_hash;             /* for the plan fingerprint ("" when none) */
+    uint32_t shards;                    /* S */
+    const char *const *shard_endpoints; /* [S] PULL endpoints, sent in Welcome */
+    double heartbeat_s;                 /* interval told to peers (cs.unit_lease.heartbeat_s) */
+    uint32_t missed_beats;              /* dead after this many silent intervals */
+    uint32_t hard_batch;                /* hard items per ReasonLease (cs.hard_batch) */
+    twn_cstate_cfg cs;
+    volatile int *stop; /* optional: set non-zero to stop early (returns -1) */
+} twn_coord_cfg;
+
+/* Defaults: unit_items 256, heartbeat 1 s, 5 missed beats, cstate defaults. */
+void twn_coord_cfg_default(twn_coord_cfg *c);
+
+typedef struct twn_coord_summary {
+    uint64_t units, items, easy, hard, rejected, think_tokens;
+    uint64_t duplicates; /* late / repeated acks */
+    double seconds;
+} twn_coord_summary;
+
+/* Runs the job to the end (every unit done): 0 and *sum filled, or -1 with err. */
+int twn_coord_run(const twn_coord_cfg *cfg, twn_coord_summary *sum, twn_err *err);
+
+#endif

@@ -1,0 +1,450 @@
+/* gate.c — the gate service loop and the client plumbing it shares with the worker (gate.h). */
+#include "gate_service/gate.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+#include <zmq.h>
+
+#include "gate_service/null_engine.h"
+#include "util/clock.h"
+#include "util/hash.h"
+#include "util/log.h"
+#include "util/mem.h"
+
+void twn_role_cfg_default(twn_role_cfg *c) {
+    memset(c, 0, sizeof *c);
+    c->credits = 2;
+    c->null_dim = 64;
+    twn_opts_default(&c->opts);
+    c->batch = 32;
+    c->src = twn_src_opts_default();
+}
+
+// ------------------------------------------------------------------------------------------------
+// Connection
+
+int twn_role_send(twn_role_conn *c, Twn__Envelope *env, twn_err *err) {
+    return twn_send_msg(c->dealer, NULL, env, &c->fo, err);
+}
+
+int twn_role_connect(twn_role_conn *c, const twn_role_cfg *cfg, int role, int dim, twn_err *err) {
+    memset(c, 0, sizeof *c);
+    c->cfg = cfg;
+    c->dim = dim;
+    c->fo = twn_frame_opts_default();
+    twn_sock_opts so = twn_sock_opts_default();
+    so.linger_ms = 0;
+    so.routing_id = cfg->id;
+    so.sndtimeo_ms = -1;
+    if (!(c->dealer = twn_sock_new(cfg->zctx, ZMQ_DEALER, &so, err)) ||
+        twn_sock_connect(c->dealer, cfg->control, err))
+        return -1;
+    Twn__Hello h = TWN__HELLO__INIT;
+    h.role = role;
+    h.id = (char *)cfg->id;
+    h.credits = cfg->credits;
+    h.dim = (uint32_t)dim;
+    Twn__Envelope env = TWN__ENVELOPE__INIT;
+    env.body_case = TWN__ENVELOPE__BODY_HELLO;
+    env.hello = &h;
+    if (twn_role_send(c, &env, err)) return -1;
+    for (;;) {
+        if (cfg->stop && *cfg->stop) return twn_err_set(err, "%s: stopped before Welcome", cfg->id);
+        Twn__Envelope *m = NULL;
+        twn_recv_status s = twn_recv_msg(c->dealer, 100, &c->fo, NULL, &m, err);
+        if (s == TWN_RECV_FAIL) return -1;
+        if (s != TWN_RECV_MSG) continue;
+        if (m->body_case != TWN__ENVELOPE__BODY_WELCOME) {
+            twn_msg_free(m);
+            continue;
+        }
+        Twn__Welcome *w = m->welcome;
+        if (!w->accepted || w->n_shard_endpoints != w->shards || !w->shards) {
+            twn_err_set(err, "%s: coordinator refused: %s (shards %u, endpoints %zu)", cfg->id,
+                        w->reason ? w->reason : "", w->shards, w->n_shard_endpoints);
+            twn_msg_free(m);
+            return -1;
+        }
+        c->shards = w->shards;
+        twn_beat_init(&c->beat, w->heartbeat_ms / 1000.0, twn_now());
+        c->push = twn_calloc(c->shards, sizeof *c->push);
+        twn_sock_opts po = twn_sock_opts_default();
+        po.linger_ms = 1000;
+        po.sndtimeo_ms = -1;
+        for (uint32_t i = 0; i < c->shards; i++)
+            if (!(c->push[i] = twn_sock_new(cfg->zctx, ZMQ_PUSH, &po, err)) ||
+                twn_sock_connect(c->push[i], w->shard_endpoints[i], err)) {
+                twn_msg_free(m);
+                return -1;
+            }
+        twn_msg_free(m);
+        break;
+    }
+    c->cap = (size_t)(cfg->batch > 0 ? cfg->batch : 32);
+    c->n_emb = twn_calloc(c->shards, sizeof *c->n_emb);
+    c->emb = twn_calloc(c->shards, sizeof *c->emb);
+    c->vec = twn_calloc(c->shards, sizeof *c->vec);
+    for (uint32_t i = 0; i < c->shards; i++) {
+        c->emb[i] = twn_calloc(c->cap, sizeof **c->emb);
+        c->vec[i] = twn_calloc(c->cap * (size_t)dim, sizeof **c->vec);
+    }
+    c->hard = twn_calloc(c->cap, sizeof *c->hard);
+    c->rej = twn_calloc(c->cap, sizeof *c->rej);
+    c->refs = twn_calloc(2 * c->cap, sizeof *c->refs);
+    c->srcs = twn_calloc(2 * c->cap, sizeof *c->srcs);
+    return 0;
+}
+
+void twn_role_close(twn_role_conn *c) {
+    for (uint32_t i = 0; c->push && i < c->shards; i++) {
+        if (c->push[i]) twn_sock_close(c->push[i]);
+        if (c->emb) twn_free(c->emb[i]);
+        if (c->vec) twn_free(c->vec[i]);
+    }
+    twn_free(c->push);
+    twn_free(c->n_emb);
+    twn_free(c->emb);
+    twn_free(c->vec);
+    twn_free(c->hard);
+    twn_free(c->rej);
+    twn_free(c->refs);
+    twn_free(c->srcs);
+    if (c->dealer) twn_sock_close(c->dealer);
+    memset(c, 0, sizeof *c);
+}
+
+int twn_role_beat(twn_role_conn *c, twn_err *err) {
+    if (!twn_beat_due(&c->beat, twn_now())) return 0;
+    Twn__Heartbeat hb = TWN__HEARTBEAT__INIT;
+    hb.seq = ++c->hb_seq;
+    uint64_t act = c->active;
+    if (act) {
+        hb.n_active_units = 1;
+        hb.active_units = &act;
+    }
+    Twn__Envelope env = TWN__ENVELOPE__INIT;
+    env.body_case = TWN__ENVELOPE__BODY_HEARTBEAT;
+    env.heartbeat = &hb;
+    return twn_role_send(c, &env, err);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Outputs
+
+static int full(twn_role_conn *c) {
+    if (c->n_hard + c->n_rej >= c->cap) return 1;
+    for (uint32_t i = 0; i < c->shards; i++)
+        if (c->n_emb[i] >= c->cap) return 1;
+    return 0;
+}
+
+int twn_role_emb(twn_role_conn *c, uint64_t unit, uint64_t index, const char *id, const float *v,
+                 int route, float p_think, uint32_t think_tokens, twn_err *err) {
+    if (full(c) && twn_role_flush(c, unit, err)) return -1;
+    uint64_t h = twn_hash64(id, strlen(id));
+    uint32_t s = (uint32_t)(h % c->shards);
+    Twn__EmbeddingItem *e = &c->emb[s][c->n_emb[s]];
+    twn__embedding_item__init(e);
+    e->id = (char *)id;
+    e->faiss_id = h;
+    e->route = route;
+    e->p_think = p_think;
+    e->think_tokens = think_tokens;
+    e->unit_id = unit;
+    e->item_index = index;
+    memcpy(c->vec[s] + c->n_emb[s] * (size_t)c->dim, v, (size_t)c->dim * sizeof *v);
+    c->n_emb[s]++;
+    return 0;
+}
+
+static Twn__ItemRef *ref_copy(twn_role_conn *c, const Twn__ItemRef *ref) {
+    Twn__ItemRef *r = &c->refs[c->n_refs];
+    Twn__SourceRef *s = &c->srcs[c->n_refs];
+    c->n_refs++;
+    *r = *ref;
+    if (ref->source) {
+        *s = *ref->source;
+        r->source = s;
+    }
+    return r;
+}
+
+int twn_role_hard(twn_role_conn *c, const Twn__ItemRef *ref, float p_think, twn_err *err) {
+    if (full(c) && twn_role_flush(c, ref->unit_id, err)) return -1;
+    Twn__HardItem *h = &c->hard[c->n_hard++];
+    twn__hard_item__init(h);
+    h->ref = ref_copy(c, ref);
+    h->p_think = p_think;
+    return 0;
+}
+
+int twn_role_reject(twn_role_conn *c, const Twn__ItemRef *ref, int stage, const char *reason,
+                    twn_err *err) {
+    if (full(c) && twn_role_flush(c, ref->unit_id, err)) return -1;
+    Twn__Reject *r = &c->rej[c->n_rej++];
+    twn__reject__init(r);
+    r->ref = ref_copy(c, ref);
+    r->stage = stage;
+    r->reason = (char *)reason;
+    return 0;
+}
+
+int twn_role_flush(twn_role_conn *c, uint64_t unit, twn_err *err) {
+    int rc = 0;
+    for (uint32_t s = 0; s < c->shards && !rc; s++) {
+        if (!c->n_emb[s]) continue;
+        Twn__EmbeddingItem **ptrs = twn_malloc(c->n_emb[s] * sizeof *ptrs);
+        for (size_t i = 0; i < c->n_emb[s]; i++) ptrs[i] = &c->emb[s][i];
+        Twn__EmbeddingBatch b = TWN__EMBEDDING_BATCH__INIT;
+        b.batch_id = ++c->batch_seq;
+        b.sender = (char *)c->cfg->id;
+        b.shard = s;
+        b.dim = (uint32_t)c->dim;
+        b.n_items = c->n_emb[s];
+        b.items = ptrs;
+        twn_batch_set_vectors(&b, c->vec[s]);
+        Twn__Envelope env = TWN__ENVELOPE__INIT;
+        env.body_case = TWN__ENVELOPE__BODY_EMBEDDING_BATCH;
+        env.embedding_batch = &b;
+        rc = twn_send_msg(c->push[s], NULL, &env, &c->fo, err);
+        twn_free(ptrs);
+        c->n_emb[s] = 0;
+    }
+    if (!rc && c->n_hard) {
+        Twn__HardItem **ptrs = twn_malloc(c->n_hard * sizeof *ptrs);
+        for (size_t i = 0; i < c->n_hard; i++) ptrs[i] = &c->hard[i];
+        Twn__HardItems h = TWN__HARD_ITEMS__INIT;
+        h.unit_id = unit;
+        h.n_items = c->n_hard;
+        h.items = ptrs;
+        Twn__Envelope env = TWN__ENVELOPE__INIT;
+        env.body_case = TWN__ENVELOPE__BODY_HARD_ITEMS;
+        env.hard_items = &h;
+        rc = twn_role_send(c, &env, err);
+        twn_free(ptrs);
+    }
+    if (!rc && c->n_rej) {
+        Twn__Reject **ptrs = twn_malloc(c->n_rej * sizeof *ptrs);
+        for (size_t i = 0; i < c->n_rej; i++) ptrs[i] = &c->rej[i];
+        Twn__Rejects r = TWN__REJECTS__INIT;
+        r.n_items = c->n_rej;
+        r.items = ptrs;
+        Twn__Envelope env = TWN__ENVELOPE__INIT;
+        env.body_case = TWN__ENVELOPE__BODY_REJECTS;
+        env.rejects = &r;
+        rc = twn_role_send(c, &env, err);
+        twn_free(ptrs);
+    }
+    c->n_hard = c->n_rej = c->n_refs = 0;
+    if (!rc) rc = twn_role_beat(c, err);
+    return rc;
+}
+
+int twn_role_finished(twn_role_conn *c, uint64_t lease, twn_err *err) {
+    Twn__Finished f = TWN__FINISHED__INIT;
+    f.lease_id = lease;
+    Twn__Envelope env = TWN__ENVELOPE__INIT;
+    env.body_case = TWN__ENVELOPE__BODY_FINISHED;
+    env.finished = &f;
+    if (twn_role_send(c, &env, err)) return -1;
+    Twn__WorkRequest w = TWN__WORK_REQUEST__INIT;
+    w.credits = 1;
+    Twn__Envelope env2 = TWN__ENVELOPE__INIT;
+    env2.body_case = TWN__ENVELOPE__BODY_WORK_REQUEST;
+    env2.work_request = &w;
+    c->active = 0;
+    return twn_role_send(c, &env2, err);
+}
+
+// ------------------------------------------------------------------------------------------------
+// The gate pass over one batch of read items
+
+static int gate_batch(twn_role_conn *c, const twn_src_unit *u, twn_src_item *items, int n,
+                      twn_err *err) {
+    const twn_role_cfg *cfg = c->cfg;
+    twn_item *in = twn_calloc((size_t)n + 1, sizeof *in);
+    twn_result *res = twn_calloc((size_t)n + 1, sizeof *res);
+    const char ***paths = twn_calloc((size_t)n + 1, sizeof *paths);
+    const void ***datas = twn_calloc((size_t)n + 1, sizeof *datas);
+    size_t **sizes = twn_calloc((size_t)n + 1, sizeof *sizes);
+    float *v = twn_malloc((size_t)c->dim * sizeof *v);
+    int rc = 0;
+    for (int i = 0; i < n; i++) {
+        twn_src_item *it = &items[i];
+        in[i].id = it->id;
+        in[i].text = it->text;
+        in[i].instruction = it->instruction;
+        in[i].n_images = (int)it->n_images;
+        if (it->n_images) {
+            paths[i] = twn_calloc(it->n_images, sizeof **paths);
+            int mem = it->images[0].data != NULL;
+            if (mem) {
+                datas[i] = twn_calloc(it->n_images, sizeof **datas);
+                sizes[i] = twn_calloc(it->n_images, sizeof **sizes);
+            }
+            for (size_t k = 0; k < it->n_images; k++) {
+                paths[i][k] = it->images[k].path ? it->images[k].path : it->images[k].member;
+                if (mem) {
+                    datas[i][k] = it->images[k].data;
+                    sizes[i][k] = it->images[k].size;
+                }
+            }
+            in[i].images = paths[i];
+            in[i].image_data = mem ? datas[i] : NULL;
+            in[i].image_size = mem ? sizes[i] : NULL;
+        }
+    }
+    if (cfg->model) {
+        twn_opts o = cfg->opts;
+        o.pass = TWN_PASS_GATE;
+        rc = twn_embed_items(cfg->model, in, n, &o, res, err);
+    }
+    for (int i = 0; i < n && !rc; i++) {
+        twn_src_item *it = &items[i];
+        Twn__ItemRef r;
+        Twn__SourceRef s;
+        twn__item_ref__init(&r);
+        twn__source_ref__init(&s);
+        twn_src_ref_to_proto(u, it, &r, &s);
+        if (!cfg->model) {
+            if (twn_null_hard(it->id)) {
+                rc = twn_role_hard(c, &r, twn_null_p_think(it->id), err);
+            } else {
+                twn_null_vec(it->id, c->dim, v);
+                rc = twn_role_emb(c, u->id, it->index, it->id, v, TWN__ROUTE__ROUTE_EASY,
+                                  twn_null_p_think(it->id), 0, err);
+            }
+        } else if (res[i].error) {
+            rc = twn_role_reject(c, &r, TWN__STAGE__STAGE_GATE, res[i].error, err);
+        } else if (res[i].hard && res[i].deferred) {
+            rc = twn_role_hard(c, &r, res[i].p_think, err);
+        } else {
+            rc = twn_role_emb(c, u->id, it->index, it->id, res[i].embedding,
+                              res[i].hard ? TWN__ROUTE__ROUTE_HARD : TWN__ROUTE__ROUTE_EASY,
+                              res[i].p_think, (uint32_t)res[i].think_tokens, err);
+        }
+        if (!rc && full(c)) rc = twn_role_flush(c, u->id, err);
+    }
+    /* Flush while the items' strings (ids, refs) and results' messages are still alive. */
+    if (!rc) rc = twn_role_flush(c, u->id, err);
+    for (int i = 0; i < n; i++) {
+        if (cfg->model) twn_result_free(&res[i]);
+        twn_free(paths[i]);
+        twn_free(datas[i]);
+        twn_free(sizes[i]);
+    }
+    twn_free(in);
+    twn_free(res);
+    twn_free(paths);
+    twn_free(datas);
+    twn_free(sizes);
+    twn_free(v);
+    return rc;
+}
+
+/* Rejects items [from, first_index + count) of a unit that could not be read any further. */
+static int reject_rest(twn_role_conn *c, const twn_src_unit *u, uint64_t from, const char *why,
+                       twn_err *err) {
+    Twn__SourceRef s = TWN__SOURCE_REF__INIT;
+    twn_src_unit_to_proto(u, &s);
+    for (uint64_t i = from; i < u->first_index + u->count; i++) {
+        Twn__ItemRef r = TWN__ITEM_REF__INIT;
+        r.unit_id = u->id;
+        r.item_index = i;
+        r.source = &s;
+        if (twn_role_reject(c, &r, TWN__STAGE__STAGE_READ, why, err)) return -1;
+    }
+    return twn_role_flush(c, u->id, err);
+}
+
+static int gate_unit(twn_role_conn *c, const Twn__UnitLease *l, twn_err *err) {
+    const twn_role_cfg *cfg = c->cfg;
+    twn_src_unit u;
+    twn_err e;
+    c->active = l->unit_id;
+    if (twn_src_unit_from_proto(l->unit_id, l->source, &u, &e)) {
+        twn_log(TWN_LOG_WARN, "%s: unit %llu: %s", cfg->id, (unsigned long long)l->unit_id, e.msg);
+        return twn_role_finished(c, l->lease_id, err); /* the lease expires into dead letters */
+    }
+    int rc = 0;
+    twn_blob *b = NULL;
+    twn_src_reader *r = NULL;
+    if (twn_blob_open_file(u.path, &b, &e) || twn_src_reader_open(b, &u, &cfg->src, &r, &e)) {
+        rc = reject_rest(c, &u, u.first_index, e.msg, err);
+        goto done;
+    }
+    int cap = cfg->batch > 0 ? cfg->batch : 32, n = 0;
+    twn_src_item *items = twn_calloc((size_t)cap, sizeof *items);
+    uint64_t next = u.first_index;
+    for (;;) {
+        int got = twn_src_reader_next(r, &items[n], &e);
+        if (got == 1) {
+            next = items[n].index + 1;
+            if (items[n].fault) {
+                Twn__ItemRef ir;
+                Twn__SourceRef is;
+                twn__item_ref__init(&ir);
+                twn__source_ref__init(&is);
+                twn_src_ref_to_proto(&u, &items[n], &ir, &is);
+                int st = items[n].fault == TWN_SRC_TRUNCATED ? TWN__STAGE__STAGE_READ
+                                                             : TWN__STAGE__STAGE_PARSE;
+                rc = twn_role_reject(c, &ir, st, items[n].err.msg, err) ||
+                     twn_role_flush(c, u.id, err);
+                twn_src_item_clear(&items[n]);
+                if (rc) break;
+                continue;
+            }
+            if (++n < cap) continue;
+        }
+        if (n) rc = gate_batch(c, &u, items, n, err);
+        for (int i = 0; i < n; i++) twn_src_item_clear(&items[i]);
+        n = 0;
+        if (rc) break;
+        if (got == 0) break;
+        if (got < 0) {
+            rc = reject_rest(c, &u, next, e.msg, err);
+            break;
+        }
+    }
+    for (int i = 0; i < cap; i++) twn_src_item_clear(&items[i]);
+    twn_free(items);
+done:
+    if (r) twn_src_reader_close(r);
+    if (b) twn_blob_close(b);
+    twn_free(u.path);
+    if (!rc) rc = twn_role_finished(c, l->lease_id, err);
+    return rc;
+}
+
+int twn_gate_run(const twn_role_cfg *cfg, twn_err *err) {
+    twn_role_conn c;
+    int dim = cfg->model ? twn_model_dim(cfg->model) : cfg->null_dim;
+    int rc = -1;
+    if (twn_role_connect(&c, cfg, TWN__ROLE__ROLE_GATE, dim, err)) goto out;
+    for (;;) {
+        if (cfg->stop && *cfg->stop) {
+            twn_err_set(err, "%s: stopped", cfg->id);
+            goto out;
+        }
+        if (twn_role_beat(&c, err)) goto out;
+        Twn__Envelope *m = NULL;
+        twn_err e;
+        twn_recv_status s = twn_recv_msg(c.dealer, 50, &c.fo, NULL, &m, &e);
+        if (s == TWN_RECV_FAIL) {
+            twn_err_set(err, "%s: %s", cfg->id, e.msg);
+            goto out;
+        }
+        if (s != TWN_RECV_MSG) continue;
+        int stop = m->body_case == TWN__ENVELOPE__BODY_SHUTDOWN;
+        int bad =
+            m->body_case == TWN__ENVELOPE__BODY_UNIT_LEASE && gate_unit(&c, m->unit_lease, err);
+        twn_msg_free(m);
+        if (bad) goto out;
+        if (stop) break;
+    }
+    rc = 0;
+out:
+    twn_role_close(&c);
+    return rc;
+}

@@ -1,0 +1,165 @@
+/* worker.c — the reasoning worker loop (worker.h). */
+#include "worker/worker.h"
+
+#include <string.h>
+
+#include "gate_service/null_engine.h"
+#include "util/log.h"
+#include "util/mem.h"
+
+/* Reads the item `r` names; 0 with *it filled (check it->fault), -1 with msg. */
+static int read_item(const twn_role_cfg *cfg, const Twn__ItemRef *r, twn_src_item *it, twn_err *e) {
+    twn_src_ref ref;
+    twn_blob *b = NULL;
+    int rc = -1;
+    if (twn_src_ref_from_proto(r, &ref, e) || twn_blob_open_file(ref.path, &b, e)) goto out;
+    if (r->length) {
+        rc = twn_src_read_ref(b, &ref, &cfg->src, it, e);
+        goto out;
+    }
+    twn_src_unit u;
+    if (twn_src_unit_from_proto(r->unit_id, r->source, &u, e)) goto out;
+    twn_src_reader *rd = NULL;
+    if (!twn_src_reader_open(b, &u, &cfg->src, &rd, e)) {
+        int got;
+        while ((got = twn_src_reader_next(rd, it, e)) == 1 && it->index != r->item_index) {
+        }
+        if (got == 1)
+            rc = 0;
+        else if (got == 0)
+            twn_err_set(e, "%s: item %llu not found in its unit", ref.path,
+                        (unsigned long long)r->item_index);
+        twn_src_reader_close(rd);
+    }
+    twn_free(u.path);
+out:
+    if (b) twn_blob_close(b);
+    return rc;
+}
+
+static int reason_lease(twn_role_conn *c, const Twn__ReasonLease *l, twn_err *err) {
+    const twn_role_cfg *cfg = c->cfg;
+    size_t n = l->n_items;
+    c->active = l->lease_id;
+    twn_src_item *items = twn_calloc(n + 1, sizeof *items);
+    twn_item *in = twn_calloc(n + 1, sizeof *in);
+    twn_result *res = twn_calloc(n + 1, sizeof *res);
+    int *ok = twn_calloc(n + 1, sizeof *ok);
+    size_t *map = twn_calloc(n + 1, sizeof *map);
+    const char ***paths = twn_calloc(n + 1, sizeof *paths);
+    const void ***datas = twn_calloc(n + 1, sizeof *datas);
+    size_t **sizes = twn_calloc(n + 1, sizeof *sizes);
+    char **why = twn_calloc(n + 1, sizeof *why);
+    float *v = twn_malloc((size_t)c->dim * sizeof *v);
+    int rc = 0, m = 0;
+    for (size_t i = 0; i < n; i++) {
+        twn_err e = {0};
+        const Twn__ItemRef *r = l->items[i]->ref;
+        if (!r || read_item(cfg, r, &items[i], &e) || items[i].fault) {
+            why[i] = twn_strdup(!r               ? "hard item without a ref"
+                                : items[i].fault ? items[i].err.msg
+                                                 : e.msg);
+            continue;
+        }
+        ok[i] = 1;
+        twn_src_item *it = &items[i];
+        twn_item *x = &in[m];
+        map[m++] = i;
+        x->id = it->id;
+        x->text = it->text;
+        x->instruction = it->instruction;
+        x->p_think = l->items[i]->p_think;
+        x->n_images = (int)it->n_images;
+        if (it->n_images) {
+            paths[i] = twn_calloc(it->n_images, sizeof **paths);
+            datas[i] = twn_calloc(it->n_images, sizeof **datas);
+            sizes[i] = twn_calloc(it->n_images, sizeof **sizes);
+            int mem = it->images[0].data != NULL;
+            for (size_t k = 0; k < it->n_images; k++) {
+                paths[i][k] = it->images[k].path ? it->images[k].path : it->images[k].member;
+                datas[i][k] = it->images[k].data;
+                sizes[i][k] = it->images[k].size;
+            }
+            x->images = paths[i];
+            x->image_data = mem ? datas[i] : NULL;
+            x->image_size = mem ? sizes[i] : NULL;
+        }
+    }
+    if (cfg->model && m) {
+        twn_opts o = cfg->opts;
+        o.pass = TWN_PASS_REASON;
+        rc = twn_embed_items(cfg->model, in, m, &o, res, err);
+    }
+    for (int j = 0; j < m && !rc; j++) {
+        size_t i = map[j];
+        const Twn__ItemRef *r = l->items[i]->ref;
+        if (!cfg->model) {
+            twn_null_vec(items[i].id, c->dim, v);
+            rc = twn_role_emb(c, r->unit_id, r->item_index, items[i].id, v, TWN__ROUTE__ROUTE_HARD,
+                              l->items[i]->p_think, twn_null_think_tokens(items[i].id), err);
+        } else if (res[j].error) {
+            rc = twn_role_reject(c, r, TWN__STAGE__STAGE_REASON, res[j].error, err);
+        } else {
+            rc = twn_role_emb(c, r->unit_id, r->item_index, items[i].id, res[j].embedding,
+                              TWN__ROUTE__ROUTE_HARD, res[j].p_think, (uint32_t)res[j].think_tokens,
+                              err);
+        }
+    }
+    for (size_t i = 0; i < n && !rc; i++)
+        if (!ok[i] && l->items[i]->ref)
+            rc = twn_role_reject(c, l->items[i]->ref, TWN__STAGE__STAGE_REASON, why[i], err);
+    if (!rc) rc = twn_role_flush(c, 0, err);
+    for (int j = 0; j < m; j++)
+        if (cfg->model) twn_result_free(&res[j]);
+    for (size_t i = 0; i < n; i++) {
+        twn_src_item_clear(&items[i]);
+        twn_free(paths[i]);
+        twn_free(datas[i]);
+        twn_free(sizes[i]);
+        twn_free(why[i]);
+    }
+    twn_free(items);
+    twn_free(in);
+    twn_free(res);
+    twn_free(ok);
+    twn_free(map);
+    twn_free(paths);
+    twn_free(datas);
+    twn_free(sizes);
+    twn_free(why);
+    twn_free(v);
+    if (!rc) rc = twn_role_finished(c, l->lease_id, err);
+    return rc;
+}
+
+int twn_worker_run(const twn_role_cfg *cfg, twn_err *err) {
+    twn_role_conn c;
+    int dim = cfg->model ? twn_model_dim(cfg->model) : cfg->null_dim;
+    int rc = -1;
+    if (twn_role_connect(&c, cfg, TWN__ROLE__ROLE_WORKER, dim, err)) goto out;
+    for (;;) {
+        if (cfg->stop && *cfg->stop) {
+            twn_err_set(err, "%s: stopped", cfg->id);
+            goto out;
+        }
+        if (twn_role_beat(&c, err)) goto out;
+        Twn__Envelope *m = NULL;
+        twn_err e;
+        twn_recv_status s = twn_recv_msg(c.dealer, 50, &c.fo, NULL, &m, &e);
+        if (s == TWN_RECV_FAIL) {
+            twn_err_set(err, "%s: %s", cfg->id, e.msg);
+            goto out;
+        }
+        if (s != TWN_RECV_MSG) continue;
+        int stop = m->body_case == TWN__ENVELOPE__BODY_SHUTDOWN;
+        int bad = m->body_case == TWN__ENVELOPE__BODY_REASON_LEASE &&
+                  reason_lease(&c, m->reason_lease, err);
+        twn_msg_free(m);
+        if (bad) goto out;
+        if (stop) break;
+    }
+    rc = 0;
+out:
+    twn_role_close(&c);
+    return rc;
+}
