@@ -15,3 +15,7 @@ mkdir -p "$OUT"
 build/cli/twn inspect "$OUT/model"
 build/cli/twn embed --model "$OUT/model" --input "$OUT/corpus/items.jsonl" --out "$OUT/embeddings"
 echo "demo: embeddings in $OUT/embeddings (embeddings.npy, items.jsonl, dead_letter.jsonl)"
+# The pipeline: coordinator, gate, reasoning worker and 2 index shards as threads of one process.
+rm -rf "$OUT/index"
+build/cli/twn run --model "$OUT/model" --input "$OUT/corpus/items.jsonl" --out "$OUT/index" --shards 2
+echo "demo: index shards in $OUT/index/shard-*/ (index.faiss, embeddings.npy, items.jsonl, manifest.json)"
