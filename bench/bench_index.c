@@ -113,7 +113,7 @@ static int run_shard(const bench_case *c, const float *x, const char *dir) {
     twn_shard *s;
     twn_shard_opts o = {.dim = c->dim, .factory = c->factory, .model = "bench", .model_hash = "-"};
     if (twn_shard_open(dir, &o, &s, NULL, &err)) goto fail;
-    twn_item *items = twn_malloc(BATCH * sizeof *items);
+    twn_index_item *items = twn_malloc(BATCH * sizeof *items);
     char(*ids)[16] = twn_malloc(BATCH * sizeof *ids);
     double t0 = twn_now(), pause = 0, steady_t = 0;
     int steady_n = 0, was_trained = 0;
@@ -124,7 +124,7 @@ static int run_shard(const bench_case *c, const float *x, const char *dir) {
         int m = c->n - at < BATCH ? c->n - at : BATCH;
         for (int i = 0; i < m; i++) {
             snprintf(ids[i], sizeof ids[i], "item-%08d", at + i);
-            items[i] = (twn_item){
+            items[i] = (twn_index_item){
                 .id = ids[i], .vec = x + (size_t)(at + i) * (size_t)c->dim, .p_think = 0.5f};
         }
         double b0 = twn_now();

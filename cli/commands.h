@@ -8,5 +8,6 @@ int twn_cmd_inspect(int argc, char **argv);
 int twn_cmd_embed(int argc, char **argv);
 int twn_cmd_tokenize(int argc, char **argv);
 int twn_cmd_run(int argc, char **argv);
+int twn_cmd_search(int argc, char **argv);
 
 #endif

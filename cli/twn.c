@@ -16,20 +16,23 @@ static const command commands[] = {
     {"tokenize", twn_cmd_tokenize, "print the token ids of a text (tokenizer.json)"},
     {"embed", twn_cmd_embed, "embed a JSONL file of items with a TWN checkpoint"},
     {"run", twn_cmd_run, "run the whole pipeline in one process (threads over inproc://)"},
+    {"search", twn_cmd_search, "embed a query with the model and merge top-k over index shards"},
     {"inspect", twn_cmd_inspect, "print what a TWN checkpoint holds; refuse a broken one"},
     {"version", NULL, "print the version"},
 };
 
 static void usage(FILE *f) {
-    fprintf(f, "twn %s — adaptive-reasoning multimodal embeddings (TWN) at fleet scale\n\n"
-               "usage: twn <command> [options]   (twn <command> --help for its options)\n\n",
+    fprintf(f,
+            "twn %s — adaptive-reasoning multimodal embeddings (TWN) at fleet scale\n\n"
+            "usage: twn <command> [options]   (twn <command> --help for its options)\n\n",
             TWN_VERSION);
     for (size_t i = 0; i < sizeof commands / sizeof *commands; i++)
         fprintf(f, "  %-10s %s\n", commands[i].name, commands[i].help);
 }
 
 int main(int argc, char **argv) {
-    if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
+    if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") ||
+        !strcmp(argv[1], "help")) {
         usage(argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;
     }

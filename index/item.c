@@ -59,7 +59,7 @@ static size_t utf8_bad_offset(const unsigned char *s, size_t len) {
     return len;
 }
 
-int twn_item_check(const twn_item *it, int dim, twn_err *err) {
+int twn_item_check(const twn_index_item *it, int dim, twn_err *err) {
     size_t len = it->id ? (it->id_len ? it->id_len : strlen(it->id)) : 0;
     char repr[96];
     if (!it->id || len == 0)

@@ -23,7 +23,7 @@ typedef struct {
     uint8_t route;         /* TWN_ROUTE_* */
     float p_think;         /* gate probability in [0, 1], or NaN when no gate ran (mode never) */
     uint32_t think_tokens; /* CoT tokens generated (0 for easy items) */
-} twn_item;
+} twn_index_item;
 
 static inline const char *twn_route_name(int route) {
     return route == TWN_ROUTE_EASY ? "easy" : route == TWN_ROUTE_HARD ? "hard" : "?";
@@ -32,7 +32,7 @@ static inline const char *twn_route_name(int route) {
 /* Validates an item for a dim-D index: id length 1..TWN_ITEM_ID_MAX, valid UTF-8 without NUL,
  * known route, p_think in [0,1] or NaN, every vector component finite.  The message names the
  * item id (escaped) and the offending value. */
-int twn_item_check(const twn_item *it, int dim, twn_err *err);
+int twn_item_check(const twn_index_item *it, int dim, twn_err *err);
 
 /* Writes a printable, truncated rendering of an id (for error messages) into buf. */
 const char *twn_item_id_repr(const char *id, size_t len, char *buf, size_t cap);

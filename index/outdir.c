@@ -353,7 +353,7 @@ static int parse_item(const char *line, size_t len, const char *where, char **id
             rc = twn_err_set(err, "%s: think_tokens %lld out of range", where, (long long)t);
         *think = (uint32_t)t;
         float dummy = 0;
-        twn_item it = {.id = json_string_value(jid),
+        twn_index_item it = {.id = json_string_value(jid),
                        .id_len = *id_len,
                        .vec = &dummy,
                        .route = *route,

@@ -280,7 +280,7 @@ int twn_index_merge(const char *const *dirs, int n, const char *outdir, const tw
             int64_t row = twn_store_find_id(u, r.id, r.id_len);
             if (row >= 0) { /* the later shard's copy wins, in the first copy's row */
                 twn_store_get_f32(p[s].st, i, 1, v);
-                twn_item it = {.id = r.id,
+                twn_index_item it = {.id = r.id,
                                .id_len = r.id_len,
                                .vec = v,
                                .route = r.route,

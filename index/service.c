@@ -76,7 +76,7 @@ static int on_batch(ixr *x, const Twn__EmbeddingBatch *b, twn_err *err) {
     }
     size_t n = b->n_items;
     float *v = twn_malloc(n * (size_t)b->dim * sizeof *v + 1);
-    twn_item *it = twn_calloc(n + 1, sizeof *it);
+    twn_index_item *it = twn_calloc(n + 1, sizeof *it);
     twn_shard_ack *acks = twn_calloc(n + 1, sizeof *acks);
     int rc = twn_batch_get_vectors(b, v, &e);
     for (size_t i = 0; i < n && !rc; i++) {

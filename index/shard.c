@@ -56,7 +56,7 @@ struct twn_shard {
     uint64_t added, replaced, unchanged;
 
     /* replay batch */
-    twn_item *rb_items;
+    twn_index_item *rb_items;
     int64_t *rb_fids;
     uint64_t *rb_seqs;
     float *rb_vecs;
@@ -100,20 +100,20 @@ static void grow_row_seq(twn_shard *s, int64_t need) {
 }
 
 /* fids/seqs given: replaying the WAL; NULL: a live add (assign FAISS ids, log to the WAL). */
-static int apply_batch(twn_shard *s, const twn_item *items, const int64_t *fids,
+static int apply_batch(twn_shard *s, const twn_index_item *items, const int64_t *fids,
                        const uint64_t *seqs, size_t n, twn_shard_ack *acks, twn_err *err) {
     int replay = fids != NULL;
     int trained = faiss_Index_is_trained(s->index);
     int64_t n_before = twn_store_count(s->st);
     int64_t *touched = twn_malloc((n ? n : 1) * sizeof *touched);   /* rows, first-touch order */
-    const twn_item **last = twn_malloc((n ? n : 1) * sizeof *last); /* latest item per touched */
+    const twn_index_item **last = twn_malloc((n ? n : 1) * sizeof *last); /* latest item per touched */
     int64_t *removed = twn_malloc((n ? n : 1) * sizeof *removed);   /* FAISS ids to remove */
     size_t nt = 0, nr = 0;
     twn_i64map pos = {0}; /* row -> index in touched */
     int rc = 0;
     char repr[96];
     for (size_t i = 0; i < n && !rc; i++) {
-        const twn_item *it = &items[i];
+        const twn_index_item *it = &items[i];
         size_t len = it->id_len ? it->id_len : strlen(it->id);
         int64_t row = twn_store_find_id(s->st, it->id, len), fid;
         int outcome;
@@ -501,7 +501,7 @@ int twn_shard_open(const char *dir, const twn_shard_opts *o, twn_shard **out,
     return 0;
 }
 
-int twn_shard_add(twn_shard *s, const twn_item *items, size_t n, twn_shard_ack *acks,
+int twn_shard_add(twn_shard *s, const twn_index_item *items, size_t n, twn_shard_ack *acks,
                   twn_err *err) {
     for (size_t i = 0; i < n; i++)
         if (twn_item_check(&items[i], s->o.dim, err)) return twn_err_wrap(err, "batch item %zu", i);

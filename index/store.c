@@ -299,7 +299,7 @@ static int64_t append_common(twn_store *s, const char *id, size_t len, int64_t f
     return row;
 }
 
-int64_t twn_store_append(twn_store *s, const twn_item *it, int64_t fid, twn_err *err) {
+int64_t twn_store_append(twn_store *s, const twn_index_item *it, int64_t fid, twn_err *err) {
     size_t len = it->id_len ? it->id_len : strlen(it->id);
     int64_t row = append_common(s, it->id, len, fid, err);
     if (row >= 0) twn_store_update(s, row, it);
@@ -318,14 +318,14 @@ int64_t twn_store_append_f16(twn_store *s, const char *id, size_t len, int64_t f
     return row;
 }
 
-void twn_store_update(twn_store *s, int64_t row, const twn_item *it) {
+void twn_store_update(twn_store *s, int64_t row, const twn_index_item *it) {
     s->route[row] = it->route;
     s->p_think[row] = it->p_think;
     s->think[row] = it->think_tokens;
     twn_half_from_float_n(it->vec, s->vec + (size_t)row * (size_t)s->dim, (size_t)s->dim, 0);
 }
 
-int twn_store_same(const twn_store *s, int64_t row, const twn_item *it) {
+int twn_store_same(const twn_store *s, int64_t row, const twn_index_item *it) {
     if (s->route[row] != it->route || s->think[row] != it->think_tokens) return 0;
     float a = s->p_think[row], b = it->p_think;
     if (!(a == b || (isnan(a) && isnan(b)))) return 0;

@@ -69,16 +69,16 @@ int64_t twn_store_new_fid(const twn_store *s, const char *id, size_t len);
 
 /* Appends a new item with FAISS id fid (neither may be present; checked).  Returns the row, or
  * -1 with err set (duplicate, or out of memory for the vector array). */
-int64_t twn_store_append(twn_store *s, const twn_item *it, int64_t fid, twn_err *err);
+int64_t twn_store_append(twn_store *s, const twn_index_item *it, int64_t fid, twn_err *err);
 /* Same, from float16 data (loading a snapshot). */
 int64_t twn_store_append_f16(twn_store *s, const char *id, size_t len, int64_t fid, uint8_t route,
                              float p_think, uint32_t think_tokens, const uint16_t *vec,
                              twn_err *err);
 /* Overwrites row's vector and metadata. */
-void twn_store_update(twn_store *s, int64_t row, const twn_item *it);
+void twn_store_update(twn_store *s, int64_t row, const twn_index_item *it);
 /* 1 when row already holds exactly this content (vector compared after float16 rounding, NaN
  * p_think equal to NaN). */
-int twn_store_same(const twn_store *s, int64_t row, const twn_item *it);
+int twn_store_same(const twn_store *s, int64_t row, const twn_index_item *it);
 
 void twn_store_get(const twn_store *s, int64_t row, twn_store_row *out);
 /* Rows [row0, row0+n) as float32, n*dim values. */

@@ -64,7 +64,7 @@ typedef struct {
 typedef struct {
     uint64_t seq;
     int64_t faiss_id;
-    twn_item item;
+    twn_index_item item;
 } twn_wal_rec;
 
 /* Replay callback: return 0, or -1 with err set to abort the open. */
@@ -92,11 +92,11 @@ int twn_wal_open(const char *dir, const twn_wal_opts *opts, twn_wal_apply_fn fn,
 
 /* Buffers one record (validated with twn_item_check) and returns its sequence number in *seq.
  * Not durable until a commit covers it. */
-int twn_wal_append(twn_wal *w, int64_t faiss_id, const twn_item *it, uint64_t *seq, twn_err *err);
+int twn_wal_append(twn_wal *w, int64_t faiss_id, const twn_index_item *it, uint64_t *seq, twn_err *err);
 
 /* Same, for callers that already validated the item with twn_item_check (the shard checks whole
  * batches before logging any of them). */
-int twn_wal_append_valid(twn_wal *w, int64_t faiss_id, const twn_item *it, uint64_t *seq,
+int twn_wal_append_valid(twn_wal *w, int64_t faiss_id, const twn_index_item *it, uint64_t *seq,
                          twn_err *err);
 
 /* Writes what is pending as one block and fsyncs; *durable (may be NULL) = the highest seq now

@@ -19,3 +19,6 @@ echo "demo: embeddings in $OUT/embeddings (embeddings.npy, items.jsonl, dead_let
 rm -rf "$OUT/index"
 build/cli/twn run --model "$OUT/model" --input "$OUT/corpus/items.jsonl" --out "$OUT/index" --shards 2
 echo "demo: index shards in $OUT/index/shard-*/ (index.faiss, embeddings.npy, items.jsonl, manifest.json)"
+# Search the index with a caption, and with an indexed image (which finds itself first).
+build/cli/twn search --model "$OUT/model" --index "$OUT/index" --text "grinning face" -k 3
+build/cli/twn search --model "$OUT/model" --index "$OUT/index" --image "$OUT/corpus/images/02049.png" -k 3

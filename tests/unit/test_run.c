@@ -178,6 +178,27 @@ static void test_tiny_model_end_to_end(void **st) {
         hard += !strcmp(json_string_value(json_object_get(r, "route")), "hard");
     }
     assert_true(hard > 0 && hard < 120); /* both paths ran */
+
+    /* twn search: an image-only item's own image as the query (same prompt, same model) finds
+     * that item first with score 1 (float16 storage aside), merged over the 3 shards. */
+    json_t *q =
+        json_array_get(ref_items, 3); /* make_sample_corpus: every 5th from 3 is image-only */
+    const char *qid = json_string_value(json_object_get(q, "id"));
+    assert_non_null(strstr(qid, "emoji-"));
+    char *res = NULL;
+    snprintf(cmd, sizeof cmd,
+             "%s search --model %s --index %s --image %s/corpus/images/%s.png -k 3 2>&1", TWN_BIN,
+             tu_tiny_model(), out, dir, qid + 6);
+    if (tu_run(cmd, &res)) fail_msg("twn search failed: %s", res);
+    char first[256];
+    float score = 0;
+    const char *l1 = strstr(res, "\n  1  ");
+    assert_non_null(l1);
+    assert_int_equal(sscanf(l1, " 1 %f %255s", &score, first), 2);
+    assert_string_equal(first, qid);
+    assert_true(fabsf(score - 1.f) < 2e-3f);
+    assert_non_null(strstr(res, "120 items in 3 shard(s)"));
+    free(res);
     snprintf(p, sizeof p, "%s/dead_letter.jsonl", out);
     json_t *dl = jsonl_read(p);
     assert_int_equal((int)json_array_size(dl), 3);

@@ -65,7 +65,7 @@ static void build_shards(const char *base, const char *tag, const char *factory,
         assert_int_equal(twn_shard_open(sdir, &o, &sh, NULL, &err), 0);
         for (int i = 0; i < N; i++) {
             if (shard_of(i) != s) continue;
-            twn_item it = {.id = ids[i],
+            twn_index_item it = {.id = ids[i],
                            .vec = X + i * D,
                            .route = (uint8_t)(i % 2),
                            .p_think = (float)(i % 100) / 100,
@@ -211,13 +211,13 @@ static void test_multi_shard_and_merge(void **state) {
         twn_store *u = twn_store_new(D);
         float *Y = unit_vectors(10, 53);
         for (int i = 0; i < 10; i++) {
-            twn_item it = {
+            twn_index_item it = {
                 .id = ids[i], .vec = Y + i * D, .route = 1, .p_think = 0.5f, .think_tokens = 99};
             assert_int_equal(
                 twn_store_append(u, &it, (int64_t)twn_hash64(ids[i], strlen(ids[i])), &err), i);
         }
         /* ... and one new item whose FAISS id clashes with item 20's. */
-        twn_item clash = {.id = "clash", .vec = Y, .p_think = 0.5f};
+        twn_index_item clash = {.id = "clash", .vec = Y, .p_think = 0.5f};
         assert_int_equal(
             twn_store_append(u, &clash, (int64_t)twn_hash64(ids[20], strlen(ids[20])), &err), 10);
         FaissIndex *fx;

@@ -63,8 +63,8 @@ static float *unit_vectors(int n, uint64_t seed) {
 
 static char ids[N][16];
 
-static twn_item item(int i, const float *vec) {
-    return (twn_item){.id = ids[i],
+static twn_index_item item(int i, const float *vec) {
+    return (twn_index_item){.id = ids[i],
                       .vec = vec,
                       .route = (uint8_t)(i % 2),
                       .p_think = i % 3 ? (float)i / N : NAN,
@@ -97,7 +97,7 @@ static int crash_child(const char *dir, int ci) {
     twn_err err = {{0}};
     twn_shard_opts o = opts_for(c);
     if (twn_shard_open(dir, &o, &s, NULL, &err)) goto fail;
-    twn_item batch[BATCH];
+    twn_index_item batch[BATCH];
     twn_shard_ack acks[BATCH];
     for (int b = 0; b < N / BATCH; b++) {
         for (int i = 0; i < BATCH; i++) batch[i] = item(b * BATCH + i, X + (b * BATCH + i) * D);
@@ -210,7 +210,7 @@ static void run_case(int ci) {
     assert_true(r1 >= c->min_recall1);
 
     /* Re-delivering everything unchanged: nothing logged, nothing counted twice. */
-    twn_item *all = malloc(N * sizeof *all);
+    twn_index_item *all = malloc(N * sizeof *all);
     twn_shard_ack *acks = malloc(N * sizeof *acks);
     for (int i = 0; i < N; i++) all[i] = item(i, final_vec(X, Y, i));
     assert_int_equal(twn_shard_add(s, all, N, acks, &err), 0);
@@ -296,7 +296,7 @@ static void test_training_buffer(void **state) {
     twn_shard *s;
     twn_err err = {{0}};
     assert_int_equal(twn_shard_open(dir, &o, &s, NULL, &err), 0);
-    twn_item batch[BATCH];
+    twn_index_item batch[BATCH];
     twn_shard_stats st;
     for (int b = 0; b < 4; b++) {
         for (int i = 0; i < BATCH; i++) batch[i] = item(b * BATCH + i, X + (b * BATCH + i) * D);
@@ -327,13 +327,13 @@ static void test_replace_exactly_once(void **state) {
     twn_shard *s;
     twn_err err = {{0}};
     assert_int_equal(twn_shard_open(dir, &o, &s, NULL, &err), 0);
-    twn_item b[64];
+    twn_index_item b[64];
     twn_shard_ack a[64];
     for (int i = 0; i < 64; i++) b[i] = item(i, X + i * D);
     assert_int_equal(twn_shard_add(s, b, 64, a, &err), 0);
     /* One batch that re-adds item 3 twice (last wins), item 4 unchanged, item 5 with new
        metadata only. */
-    twn_item c[4] = {item(3, Y), item(3, Y + D), item(4, X + 4 * D), item(5, X + 5 * D)};
+    twn_index_item c[4] = {item(3, Y), item(3, Y + D), item(4, X + 4 * D), item(5, X + 5 * D)};
     c[3].think_tokens = 999;
     assert_int_equal(twn_shard_add(s, c, 4, a, &err), 0);
     assert_int_equal(a[0].outcome, TWN_SHARD_REPLACED);
@@ -387,7 +387,7 @@ static void test_errors(void **state) {
     assert_string_equal(err.msg, want);
 
     /* A bad item anywhere in a batch: nothing from the batch is applied. */
-    twn_item b[10];
+    twn_index_item b[10];
     for (int i = 0; i < 10; i++) b[i] = item(i, X + i * D);
     float bad[D];
     memcpy(bad, X, sizeof bad);

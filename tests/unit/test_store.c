@@ -107,20 +107,20 @@ static void test_fid_rule_and_collisions(void **state) {
     int64_t ha = (int64_t)twn_hash64("a", 1);
     assert_int_equal(twn_store_new_fid(s, "a", 1), ha);
     /* Another item already owns a's natural id (a hash collision): a gets the first probe. */
-    twn_item x = {.id = "x", .vec = v};
+    twn_index_item x = {.id = "x", .vec = v};
     assert_int_equal(twn_store_append(s, &x, ha, &err), 0);
     assert_int_equal(twn_store_new_fid(s, "a", 1), probe_fid("a", 1));
-    twn_item y = {.id = "y", .vec = v};
+    twn_index_item y = {.id = "y", .vec = v};
     assert_int_equal(twn_store_append(s, &y, probe_fid("a", 1), &err), 1);
     assert_int_equal(twn_store_new_fid(s, "a", 1), probe_fid("a", 2));
     /* The store refuses duplicates and the reserved -1. */
-    twn_item a = {.id = "a", .vec = v};
+    twn_index_item a = {.id = "a", .vec = v};
     assert_int_equal(twn_store_append(s, &a, ha, &err), -1);
     char want[256];
     snprintf(want, sizeof want, "store: item \"a\": FAISS id %lld is already owned by another item",
              (long long)ha);
     assert_string_equal(err.msg, want);
-    twn_item x2 = {.id = "x", .vec = v};
+    twn_index_item x2 = {.id = "x", .vec = v};
     assert_int_equal(twn_store_append(s, &x2, 5, &err), -1);
     assert_string_equal(err.msg, "store: item \"x\" is already present");
     assert_int_equal(twn_store_append(s, &a, -1, &err), -1);
@@ -137,19 +137,19 @@ static void test_same_update_topk(void **state) {
     twn_store *s = twn_store_new(3);
     twn_err err = {{0}};
     float a[3] = {1, 0, 0}, b[3] = {0, 1, 0}, c[3] = {0.6f, 0.8f, 0};
-    twn_item ia = {.id = "a", .vec = a, .p_think = NAN}, ib = {.id = "b", .vec = b, .route = 1},
+    twn_index_item ia = {.id = "a", .vec = a, .p_think = NAN}, ib = {.id = "b", .vec = b, .route = 1},
              ic = {.id = "c", .vec = c, .think_tokens = 5};
     assert_int_equal(twn_store_append(s, &ia, 1, &err), 0);
     assert_int_equal(twn_store_append(s, &ib, 2, &err), 1);
     assert_int_equal(twn_store_append(s, &ic, 3, &err), 2);
     assert_true(twn_store_same(s, 0, &ia)); /* NaN p_think equals NaN */
     float a2[3] = {1.0001f, 0, 0};          /* rounds to the same float16 */
-    twn_item ia2 = ia;
+    twn_index_item ia2 = ia;
     ia2.vec = a2;
     assert_true(twn_store_same(s, 0, &ia2));
     a2[0] = 1.001f;
     assert_false(twn_store_same(s, 0, &ia2));
-    twn_item ib2 = ib;
+    twn_index_item ib2 = ib;
     ib2.route = 0;
     assert_false(twn_store_same(s, 1, &ib2));
     float q[3] = {0.8f, 0.6f, 0};
@@ -162,7 +162,7 @@ static void test_same_update_topk(void **state) {
     assert_int_equal(rows[3], -1);
     assert_true(isinf(sc[3]) && sc[3] < 0);
     assert_true(fabsf(sc[0] - 0.96f) < 1e-3f);
-    twn_store_update(s, 1, &(twn_item){.id = "b", .vec = c, .think_tokens = 9});
+    twn_store_update(s, 1, &(twn_index_item){.id = "b", .vec = c, .think_tokens = 9});
     twn_store_topk(s, q, 2, sc, rows);
     assert_int_equal(rows[0], 1); /* tie with row 2: lower row first */
     assert_int_equal(rows[1], 2);
@@ -179,7 +179,7 @@ static void write_dir(const char *dir, twn_store **out) {
     twn_store *s = twn_store_new(4);
     twn_err err = {{0}};
     float v[3][4] = {{1, 0, 0, 0}, {0, 0.5f, -0.25f, 0.125f}, {0, 0, 0, 1}};
-    twn_item it[3] = {{.id = "a\"b", .vec = v[0], .route = 1, .p_think = 0.25f, .think_tokens = 7},
+    twn_index_item it[3] = {{.id = "a\"b", .vec = v[0], .route = 1, .p_think = 0.25f, .think_tokens = 7},
                       {.id = "caf\xc3\xa9", .vec = v[1], .p_think = NAN},
                       {.id = "z", .vec = v[2], .p_think = 0.1f}};
     for (int i = 0; i < 3; i++)
@@ -331,7 +331,7 @@ static void test_outdir_disagreements(void **state) {
     twn_store_free(s);
     twn_store *s2 = twn_store_new(4);
     float v[4] = {1, 0, 0, 0};
-    twn_item it = {.id = "q", .vec = v};
+    twn_index_item it = {.id = "q", .vec = v};
     twn_store_append(s2, &it, 1, &err);
     char other[1100];
     snprintf(other, sizeof other, "%s.other", dir);

@@ -25,13 +25,13 @@ static void expect_contains(const char *msg, const char *want) {
 typedef struct {
     char id[32];
     float vec[DIM];
-    twn_item it;
+    twn_index_item it;
 } rec_buf;
 
-static const twn_item *make_item(rec_buf *b, int i, int compressible) {
+static const twn_index_item *make_item(rec_buf *b, int i, int compressible) {
     snprintf(b->id, sizeof b->id, "item-%d", i);
     for (int j = 0; j < DIM; j++) b->vec[j] = compressible ? 0.5f : (float)i + (float)j / 8.0f;
-    b->it = (twn_item){.id = b->id,
+    b->it = (twn_index_item){.id = b->id,
                        .vec = b->vec,
                        .route = (uint8_t)(i % 2),
                        .p_think = (float)(i % 1000) / 1000.0f,
@@ -91,7 +91,7 @@ static void append_n(twn_wal *w, int from, int to, int commit_each) {
     twn_err err = {{0}};
     for (int i = from; i < to; i++) {
         rec_buf b;
-        const twn_item *it = make_item(&b, i, 0);
+        const twn_index_item *it = make_item(&b, i, 0);
         uint64_t seq;
         assert_int_equal(twn_wal_append(w, (int64_t)twn_hash64(b.id, strlen(b.id)), it, &seq, &err),
                          0);
@@ -238,7 +238,7 @@ static void *appender(void *p) {
     twn_err err = {{0}};
     for (int i = 0; i < 200; i++) {
         rec_buf b;
-        const twn_item *it = make_item(&b, a->t * 1000 + i, 0);
+        const twn_index_item *it = make_item(&b, a->t * 1000 + i, 0);
         uint64_t seq, durable;
         if (twn_wal_append(a->w, (int64_t)twn_hash64(b.id, strlen(b.id)), it, &seq, &err)) a->bad++;
         if (i % 10 == 9) {
@@ -301,7 +301,7 @@ static void write_five(const char *dir, long sizes[6], int per_block) {
     for (int i = 0; i < 5; i++) {
         for (int r = 0; r < per_block; r++) {
             rec_buf b;
-            const twn_item *it = make_item(&b, i * per_block + r, 0);
+            const twn_index_item *it = make_item(&b, i * per_block + r, 0);
             assert_int_equal(
                 twn_wal_append(w, (int64_t)twn_hash64(b.id, strlen(b.id)), it, NULL, &err), 0);
         }
@@ -508,7 +508,7 @@ static void test_snapshot_position_and_errors(void **state) {
     /* Bad items are refused with a message naming them. */
     float v[DIM] = {0};
     v[3] = NAN;
-    twn_item it = {.id = "bad\"one", .vec = v};
+    twn_index_item it = {.id = "bad\"one", .vec = v};
     assert_int_equal(twn_wal_append(w, 1, &it, &seq, &err), -1);
     assert_string_equal(err.msg,
                         "item \"bad\\\"one\": vector component 3 is nan; expected a finite value");
@@ -516,7 +516,7 @@ static void test_snapshot_position_and_errors(void **state) {
     it.route = 5;
     assert_int_equal(twn_wal_append(w, 1, &it, &seq, &err), -1);
     assert_string_equal(err.msg, "item \"bad\\\"one\": route 5 is not 0 (easy) or 1 (hard)");
-    it = (twn_item){.id = "caf\xc3", .vec = v};
+    it = (twn_index_item){.id = "caf\xc3", .vec = v};
     assert_int_equal(twn_wal_append(w, 1, &it, &seq, &err), -1);
     assert_string_equal(err.msg, "item \"caf\xc3\": id is not valid UTF-8 (byte 0xc3 at offset 3)");
     assert_int_equal(twn_wal_last_seq(w), 11); /* nothing was appended */
