@@ -2,11 +2,11 @@
  *
  *   twn search --model DIR --index OUT (--text T | --image FILE) [-k 10] [--mode M] [--params P]
  *
- * OUT is what `twn run --out` wrote: every OUT/shard-NNNNN directory (its current snapshot) is searched, or a
- * single output directory (one shard, or a merged index).  The query goes through the same TWN
- * steps as the corpus (gate, CoT when hard, embedding pass; --mode as for `twn embed`), so query
- * and items live in one space.  Prints one line per hit: rank, score, id, route, p_think,
- * think tokens, shard. */
+ * OUT is what `twn run --out` wrote: every OUT/shard-NNNNN directory (its current snapshot) is
+ * searched, or a single output directory (one shard, or a merged index).  The query goes through
+ * the same TWN steps as the corpus (gate, CoT when hard, embedding pass; --mode as for `twn
+ * embed`), so query and items live in one space.  Prints one line per hit: rank, score, id, route,
+ * p_think, think tokens, shard. */
 #include <glob.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -28,7 +28,7 @@ int twn_cmd_search(int argc, char **argv) {
     const char *model_dir = NULL, *index = NULL, *text = NULL, *image = NULL, *mode = NULL,
                *params = NULL;
     int k = 10;
-    for (int i = 1; i < argc; i++) {
+    for (int i = 1; i < argc; i += 2) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!v) return usage();
         if (!strcmp(a, "--model"))
@@ -47,7 +47,6 @@ int twn_cmd_search(int argc, char **argv) {
             k = atoi(v);
         else
             return usage();
-        i++;
     }
     if (!model_dir || !index || (!text && !image) || k < 1 || k > 10000) return usage();
 
