@@ -200,10 +200,7 @@ int twn_cmd_run(int argc, char **argv) {
     for (size_t i = (size_t)shards + 1; i < n_jobs; i++) pthread_join(th[i], NULL);
     int status = 0;
     for (size_t i = 0; i < n_jobs; i++) {
-        /* a gate or worker told to stop because the finished job needed it no more is fine */
-        bool over =
-            jobs[0].status == 0 && i > (size_t)shards && strstr(jobs[i].err.msg, ": stopped");
-        if (jobs[i].status && !over) {
+        if (jobs[i].status) {
             fprintf(stderr, "twn run: %s\n", jobs[i].err.msg);
             status = 1;
         }

@@ -4,13 +4,13 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
-#include <pthread.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "util/crc32c.h"
 #include "util/fileio.h"
 #include "util/mem.h"
 #include "util/vec.h"
@@ -61,26 +61,6 @@ static const char *type_name(unsigned t) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// CRC-32C (Castagnoli), reflected, table-driven.  A few records per unit: speed is not the point.
-
-static uint32_t crc_table[256];
-static pthread_once_t crc_once = PTHREAD_ONCE_INIT;
-
-static void crc_fill(void) {
-    for (uint32_t i = 0; i < 256; i++) {
-        uint32_t c = i;
-        for (int k = 0; k < 8; k++) c = c & 1 ? (c >> 1) ^ 0x82f63b78u : c >> 1;
-        crc_table[i] = c;
-    }
-}
-
-static uint32_t crc32c(const uint8_t *p, size_t n) {
-    pthread_once(&crc_once, crc_fill);
-    uint32_t c = 0xffffffffu;
-    for (size_t i = 0; i < n; i++) c = crc_table[(c ^ p[i]) & 0xff] ^ (c >> 8);
-    return c ^ 0xffffffffu;
-}
-
 // ------------------------------------------------------------------------------------------------
 // Encoding
 
@@ -132,7 +112,7 @@ static size_t rec_begin(bytes *b, twn_jrec_type t) {
 
 static void rec_end(bytes *b, size_t at) {
     uint32_t len = (uint32_t)(b->n - at - REC_HEADER);
-    uint32_t crc = crc32c(b->v + at + REC_HEADER, len);
+    uint32_t crc = twn_crc32c(0, b->v + at + REC_HEADER, len);
     for (int i = 0; i < 4; i++) {
         b->v[at + i] = (uint8_t)(len >> (8 * i));
         b->v[at + 4 + i] = (uint8_t)(crc >> (8 * i));
@@ -372,7 +352,7 @@ int twn_journal_replay_mem(const void *data, size_t n, const char *name, const t
             break;
         }
         const uint8_t *pl = p + at + REC_HEADER;
-        if (crc32c(pl, len) != crc) {
+        if (twn_crc32c(0, pl, len) != crc) {
             snprintf(inf.torn_reason, sizeof inf.torn_reason, "record at offset %zu: CRC mismatch",
                      at);
             break;

@@ -417,16 +417,17 @@ done:
     return rc;
 }
 
-int twn_gate_run(const twn_role_cfg *cfg, twn_err *err) {
+int twn_role_serve(const twn_role_cfg *cfg, int role, int body_case, twn_role_handler handle,
+                   twn_err *err) {
     twn_role_conn c;
     int dim = cfg->model ? twn_model_dim(cfg->model) : cfg->null_dim;
     int rc = -1;
-    if (twn_role_connect(&c, cfg, TWN__ROLE__ROLE_GATE, dim, err)) goto out;
+    if (twn_role_connect(&c, cfg, role, dim, err)) {
+        if (cfg->stop && *cfg->stop) rc = 0; /* told to stop before the Welcome: not a failure */
+        goto out;
+    }
     for (;;) {
-        if (cfg->stop && *cfg->stop) {
-            twn_err_set(err, "%s: stopped", cfg->id);
-            goto out;
-        }
+        if (cfg->stop && *cfg->stop) break; /* the job is over (or failed elsewhere) */
         if (twn_role_beat(&c, err)) goto out;
         Twn__Envelope *m = NULL;
         twn_err e;
@@ -437,8 +438,7 @@ int twn_gate_run(const twn_role_cfg *cfg, twn_err *err) {
         }
         if (s != TWN_RECV_MSG) continue;
         int stop = m->body_case == TWN__ENVELOPE__BODY_SHUTDOWN;
-        int bad =
-            m->body_case == TWN__ENVELOPE__BODY_UNIT_LEASE && gate_unit(&c, m->unit_lease, err);
+        int bad = (int)m->body_case == body_case && handle(&c, m, err);
         twn_msg_free(m);
         if (bad) goto out;
         if (stop) break;
@@ -447,4 +447,13 @@ int twn_gate_run(const twn_role_cfg *cfg, twn_err *err) {
 out:
     twn_role_close(&c);
     return rc;
+}
+
+static int gate_lease(twn_role_conn *c, const Twn__Envelope *m, twn_err *err) {
+    return gate_unit(c, m->unit_lease, err);
+}
+
+int twn_gate_run(const twn_role_cfg *cfg, twn_err *err) {
+    return twn_role_serve(cfg, TWN__ROLE__ROLE_GATE, TWN__ENVELOPE__BODY_UNIT_LEASE, gate_lease,
+                          err);
 }

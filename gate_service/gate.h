@@ -79,4 +79,12 @@ int twn_role_flush(twn_role_conn *c, uint64_t unit, twn_err *err);
 /* Finished(lease) + WorkRequest(1). */
 int twn_role_finished(twn_role_conn *c, uint64_t lease, twn_err *err);
 
+/* A lease handler: does one leased piece of work (the envelope's body is of the served kind). */
+typedef int (*twn_role_handler)(twn_role_conn *c, const Twn__Envelope *m, twn_err *err);
+/* The loop every computing role runs: connect (Hello/Welcome), then heartbeat and receive until
+ * Shutdown or cfg->stop; each envelope whose body is `body_case` goes to `handle`.  Shutdown and
+ * cfg->stop end it normally (0); a handler failure or a dead socket ends it with err set. */
+int twn_role_serve(const twn_role_cfg *cfg, int role, int body_case, twn_role_handler handle,
+                   twn_err *err);
+
 #endif

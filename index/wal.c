@@ -20,7 +20,7 @@
 #include <unistd.h>
 #include <zstd.h>
 
-#include "index/crc32c.h"
+#include "util/crc32c.h"
 #include "util/clock.h"
 #include "util/fileio.h"
 #include "util/mem.h"

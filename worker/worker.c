@@ -132,34 +132,11 @@ static int reason_lease(twn_role_conn *c, const Twn__ReasonLease *l, twn_err *er
     return rc;
 }
 
+static int worker_lease(twn_role_conn *c, const Twn__Envelope *m, twn_err *err) {
+    return reason_lease(c, m->reason_lease, err);
+}
+
 int twn_worker_run(const twn_role_cfg *cfg, twn_err *err) {
-    twn_role_conn c;
-    int dim = cfg->model ? twn_model_dim(cfg->model) : cfg->null_dim;
-    int rc = -1;
-    if (twn_role_connect(&c, cfg, TWN__ROLE__ROLE_WORKER, dim, err)) goto out;
-    for (;;) {
-        if (cfg->stop && *cfg->stop) {
-            twn_err_set(err, "%s: stopped", cfg->id);
-            goto out;
-        }
-        if (twn_role_beat(&c, err)) goto out;
-        Twn__Envelope *m = NULL;
-        twn_err e;
-        twn_recv_status s = twn_recv_msg(c.dealer, 50, &c.fo, NULL, &m, &e);
-        if (s == TWN_RECV_FAIL) {
-            twn_err_set(err, "%s: %s", cfg->id, e.msg);
-            goto out;
-        }
-        if (s != TWN_RECV_MSG) continue;
-        int stop = m->body_case == TWN__ENVELOPE__BODY_SHUTDOWN;
-        int bad = m->body_case == TWN__ENVELOPE__BODY_REASON_LEASE &&
-                  reason_lease(&c, m->reason_lease, err);
-        twn_msg_free(m);
-        if (bad) goto out;
-        if (stop) break;
-    }
-    rc = 0;
-out:
-    twn_role_close(&c);
-    return rc;
+    return twn_role_serve(cfg, TWN__ROLE__ROLE_WORKER, TWN__ENVELOPE__BODY_REASON_LEASE,
+                          worker_lease, err);
 }

@@ -9,7 +9,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "index/crc32c.h"
+#include "util/crc32c.h"
 #include "index/wal.h"
 #include "tests/testutil.h"
 #include "util/hash.h"

@@ -1,11 +1,11 @@
-/* crc32c.h — CRC-32C (Castagnoli), the checksum of WAL segments and blocks.
+/* crc32c.h — CRC-32C (Castagnoli), the checksum of the index WAL and the coordinator journal.
  *
  * CRC-32C rather than zlib's CRC-32 because x86 computes it in hardware (SSE4.2 crc32), which
  * keeps checksumming far below the cost of compressing and fsyncing a block; a table-driven
  * slicing-by-8 fallback gives identical results everywhere else.  Check value:
  * twn_crc32c(0, "123456789", 9) == 0xE3069283. */
-#ifndef TWN_INDEX_CRC32C_H
-#define TWN_INDEX_CRC32C_H
+#ifndef TWN_UTIL_CRC32C_H
+#define TWN_UTIL_CRC32C_H
 
 #include <stddef.h>
 #include <stdint.h>

@@ -1,5 +1,5 @@
 /* crc32c.c — CRC-32C, hardware where the CPU has it, slicing-by-8 tables otherwise (crc32c.h). */
-#include "index/crc32c.h"
+#include "util/crc32c.h"
 
 #include <pthread.h>
 #include <string.h>
