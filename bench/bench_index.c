@@ -1,9 +1,10 @@
 /* bench_index.c — how fast one index shard ingests vectors, and how much memory it holds.
  *
- * usage: bench_index [WORKDIR] [SCALE]
+ * usage: bench_index [WORKDIR] [SCALE] [FACTORY]
  *   WORKDIR: where shard directories go (default ./bench-index-tmp, removed afterwards); put it on
  *   the disk the indexer would use, since every batch is fsynced.
  *   SCALE: multiplies the vector counts (default 1).
+ *   FACTORY: run only the cases whose factory string is exactly this (e.g. Flat).
  *
  * For each (dim, factory) — D = 2048 (the Qwen3-VL-2B hidden size) and D = 256, Flat and IVF-PQ —
  * two child processes run on the same deterministic random unit vectors:
@@ -115,7 +116,7 @@ static int run_shard(const bench_case *c, const float *x, const char *dir) {
     if (twn_shard_open(dir, &o, &s, NULL, &err)) goto fail;
     twn_index_item *items = twn_malloc(BATCH * sizeof *items);
     char(*ids)[16] = twn_malloc(BATCH * sizeof *ids);
-    double t0 = twn_now(), pause = 0, steady_t = 0;
+    double t0 = twn_now(), pause = 0, steady_t = 0, add_t = 0, commit_t = 0;
     int steady_n = 0, was_trained = 0;
     twn_shard_stats st;
     twn_shard_get_stats(s, &st);
@@ -129,9 +130,12 @@ static int run_shard(const bench_case *c, const float *x, const char *dir) {
         }
         double b0 = twn_now();
         uint64_t durable;
-        if (twn_shard_add(s, items, (size_t)m, NULL, &err) || twn_shard_commit(s, &durable, &err))
-            goto fail;
+        if (twn_shard_add(s, items, (size_t)m, NULL, &err)) goto fail;
+        double b1 = twn_now();
+        if (twn_shard_commit(s, &durable, &err)) goto fail;
         double dt = twn_now() - b0;
+        add_t += b1 - b0;
+        commit_t += twn_now() - b1;
         twn_shard_get_stats(s, &st);
         if (st.trained && !was_trained)
             pause = dt; /* this batch trained the index */
@@ -154,12 +158,12 @@ static int run_shard(const bench_case *c, const float *x, const char *dir) {
                (long long)st.train_size);
     if (pause > 0)
         printf(", training pause %.2f s at %lld vectors", pause, (long long)st.train_size);
-    printf(
-        "\n      overall %.0f vec/s incl. training; %llu fsyncs %.1f ms mean; WAL %.1f MB raw -> "
-        "%.1f MB; snapshot %.2f s\n",
-        c->n / total, (unsigned long long)st.wal.fsyncs,
-        st.wal.fsyncs ? 1e3 * st.wal.fsync_seconds / (double)st.wal.fsyncs : 0.0,
-        st.wal.raw_bytes / 1e6, st.wal.written_bytes / 1e6, snap);
+    printf("\n      overall %.0f vec/s incl. training (add %.2f s, commit %.2f s); %llu fsyncs "
+           "%.1f ms "
+           "mean; WAL %.1f MB raw -> %.1f MB; snapshot %.2f s\n",
+           c->n / total, add_t, commit_t, (unsigned long long)st.wal.fsyncs,
+           st.wal.fsyncs ? 1e3 * st.wal.fsync_seconds / (double)st.wal.fsyncs : 0.0,
+           st.wal.raw_bytes / 1e6, st.wal.written_bytes / 1e6, snap);
     printf("RESULT shard %.1f\n", steady_n ? steady_n / steady_t : 0.0);
     fflush(stdout);
     if (twn_shard_close(s, &err)) goto fail;
@@ -217,6 +221,7 @@ int main(int argc, char **argv) {
            getenv("OMP_NUM_THREADS") ? getenv("OMP_NUM_THREADS") : "(default)", work);
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
         bench_case c = cases[i];
+        if (argc > 3 && strcmp(argv[3], c.factory)) continue;
         c.n = (int)(c.n * scale);
         char dir[4096];
         snprintf(dir, sizeof dir, "%s/shard-%zu", work, i);

@@ -12,7 +12,9 @@
  *            connection reuse within the process) to /dev/null.
  * Run for large objects (MB/s) and for many small ones (objects/s).
  *
- *   bench_s3 [--large N SIZE_MIB] [--small N SIZE_KIB] [--readers R[,R...]] */
+ * Each reading is the best of --reps runs (3), the three readers interleaved.
+ *
+ *   bench_s3 [--large N SIZE_MIB] [--small N SIZE_KIB] [--readers R[,R...]] [--reps K] */
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -80,6 +82,7 @@ static void *reader_main(void *arg) {
                 snprintf(j->err, sizeof j->err, "%s", err.msg);
                 break;
             }
+            b->will_read(b, 0, j->size); /* as a unit reader announces its range */
             for (uint64_t off = 0; off < j->size; off += 256u << 10) {
                 size_t k = j->size - off < (256u << 10) ? j->size - off : (256u << 10), g;
                 if (b->read_at(b, off, buf + off, k, &g, &err)) {
@@ -181,6 +184,8 @@ static void put_objects(const char *prefix, int n, size_t size) {
     twn_s3_close(s);
 }
 
+static int g_reps = 3; /* --reps */
+
 static void bench_set(const char *dir, const char *prefix, int n, size_t size, const int *readers,
                       int nr) {
     printf("\n%s: %d objects x %zu bytes (%.1f MiB)\n", prefix, n, size,
@@ -191,16 +196,23 @@ static void bench_set(const char *dir, const char *prefix, int n, size_t size, c
         uint64_t bytes;
         double t;
         const char *names[3] = {"client", "blob", "curl"};
-        double mbs[3];
-        for (int m = 0; m < 3; m++) {
-            t = m < 2 ? run_client(prefix, n, size, m, r, &bytes)
-                      : run_curl(dir, prefix, n, r, &bytes);
-            if (bytes != (uint64_t)n * size) {
-                fprintf(stderr, "%s read %llu bytes, expected %llu\n", names[m],
-                        (unsigned long long)bytes, (unsigned long long)n * size);
-                exit(1);
+        double mbs[3], best[3] = {1e30, 1e30, 1e30};
+        /* the machine is shared: each reading is the best of g_reps, the three interleaved */
+        for (int rep = 0; rep < g_reps; rep++) {
+            for (int m = 0; m < 3; m++) {
+                t = m < 2 ? run_client(prefix, n, size, m, r, &bytes)
+                          : run_curl(dir, prefix, n, r, &bytes);
+                if (bytes != (uint64_t)n * size) {
+                    fprintf(stderr, "%s read %llu bytes, expected %llu\n", names[m],
+                            (unsigned long long)bytes, (unsigned long long)n * size);
+                    exit(1);
+                }
+                if (t < best[m]) best[m] = t;
             }
-            mbs[m] = (double)bytes / t / 1e6;
+        }
+        for (int m = 0; m < 3; m++) {
+            t = best[m];
+            mbs[m] = (double)n * (double)size / t / 1e6;
             printf("  %-8s %7d %10.3f %10.1f %12.1f\n", names[m], r, t, mbs[m], n / t);
         }
         printf("  ratio client/curl %.2f, blob/curl %.2f\n", mbs[0] / mbs[2], mbs[1] / mbs[2]);
@@ -218,13 +230,16 @@ int main(int argc, char **argv) {
         } else if (!strcmp(argv[i], "--small") && i + 2 < argc) {
             n_small = atoi(argv[++i]);
             small_kib = (size_t)atoi(argv[++i]);
+        } else if (!strcmp(argv[i], "--reps") && i + 1 < argc) {
+            g_reps = atoi(argv[++i]);
+            if (g_reps < 1) g_reps = 1;
         } else if (!strcmp(argv[i], "--readers") && i + 1 < argc) {
             nr = 0;
             for (char *p = strtok(argv[++i], ","); p && nr < 8; p = strtok(NULL, ","))
                 readers[nr++] = atoi(p);
         } else {
             fprintf(stderr, "usage: bench_s3 [--large N SIZE_MIB] [--small N SIZE_KIB] "
-                            "[--readers R[,R...]]\n");
+                            "[--readers R[,R...]] [--reps K]\n");
             return 2;
         }
     }

@@ -15,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cli/backend_opt.h"
 #include "cli/commands.h"
 #include "engine/twn.h"
 #include "util/clock.h"
@@ -30,6 +31,8 @@ static void usage(FILE *f) {
                "  --batch N        items per scheduling window (default 64)\n"
                "  --max-active N   sequences decoding CoT at once (default 64)\n"
                "  --max-vision-patches N  image patches per vision-tower call (default 16384)\n"
+               "  --backend B      cpu (default) | cuda | auto (cuda when a GPU answers)\n"
+               "  --device N       CUDA device ordinal (default 0)\n"
                "  --quiet          no progress lines\n");
 }
 
@@ -126,15 +129,15 @@ out:
 }
 
 int twn_cmd_embed(int argc, char **argv) {
-    const char *model = NULL, *input = NULL, *out = NULL, *mode = "adaptive";
-    int batch = 64, quiet = 0;
+    const char *model = NULL, *input = NULL, *out = NULL, *mode = "adaptive", *backend = "cpu";
+    int batch = 64, quiet = 0, device = 0;
     twn_opts opts;
     twn_opts_default(&opts);
     static const struct option lo[] = {
-        {"model", 1, 0, 'm'}, {"input", 1, 0, 'i'}, {"out", 1, 0, 'o'},
-        {"mode", 1, 0, 'M'},  {"batch", 1, 0, 'b'}, {"max-active", 1, 0, 'a'},
-        {"quiet", 0, 0, 'q'}, {"help", 0, 0, 'h'},  {"max-vision-patches", 1, 0, 'V'},
-        {0, 0, 0, 0}};
+        {"model", 1, 0, 'm'},   {"input", 1, 0, 'i'},  {"out", 1, 0, 'o'},
+        {"mode", 1, 0, 'M'},    {"batch", 1, 0, 'b'},  {"max-active", 1, 0, 'a'},
+        {"quiet", 0, 0, 'q'},   {"help", 0, 0, 'h'},   {"max-vision-patches", 1, 0, 'V'},
+        {"backend", 1, 0, 'B'}, {"device", 1, 0, 'D'}, {0, 0, 0, 0}};
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "", lo, NULL)) != -1) {
@@ -163,6 +166,12 @@ int twn_cmd_embed(int argc, char **argv) {
         case 'V':
             opts.max_vision_patches = atoi(optarg);
             break;
+        case 'B':
+            backend = optarg;
+            break;
+        case 'D':
+            device = atoi(optarg);
+            break;
         case 'h':
             usage(stdout);
             return 0;
@@ -181,6 +190,9 @@ int twn_cmd_embed(int argc, char **argv) {
         fprintf(stderr, "twn embed: %s\n", err.msg);
         return 2;
     }
+    twn_backend_opts bo;
+    int brc = twn_cli_backend_check("twn embed", backend, device, &bo);
+    if (brc) return brc;
     FILE *in = fopen(input, "r");
     if (!in) {
         fprintf(stderr, "twn embed: cannot open %s\n", input);
@@ -190,6 +202,11 @@ int twn_cmd_embed(int argc, char **argv) {
     double t0 = twn_now();
     if (twn_model_load(model, &m, &err)) {
         fprintf(stderr, "twn embed: %s\n", err.msg);
+        fclose(in);
+        return 1;
+    }
+    if (twn_cli_backend_apply("twn embed", m, &bo, quiet)) {
+        twn_model_free(m);
         fclose(in);
         return 1;
     }

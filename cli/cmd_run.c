@@ -6,12 +6,18 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 #include <zmq.h>
 
 #include "cli/commands.h"
+#include "cli/observe.h"
+#include "cli/rolecfg.h"
 #include "coordinator/service.h"
+#include "index/outdir_s3.h"
 #include "index/service.h"
 #include "worker/worker.h"
+#include "util/fileio.h"
+#include "util/log.h"
 #include "util/mem.h"
 
 typedef struct job {
@@ -21,6 +27,7 @@ typedef struct job {
     twn_indexer_cfg ic;
     twn_role_cfg rc;
     int status;
+    volatile int done; /* set when the role's function has returned */
     twn_err err;
 } job;
 
@@ -42,85 +49,79 @@ static void *job_main(void *arg) {
         j->status = twn_worker_run(&j->rc, &j->err);
         break;
     }
+    __atomic_store_n(&j->done, 1, __ATOMIC_RELEASE);
     return NULL;
 }
 
 static int usage(void) {
     fprintf(stderr, "usage: twn run --out DIR --input PATH... [--model DIR] [--shards S] [--mode M]"
                     " [--factory F] [--unit-items N] [--gates G] [--workers W] [--engine twn|null]"
-                    " [--dim D]\n");
+                    " [--dim D] [--backend cpu|cuda|auto] [--config FILE] [--section.key value]\n"
+                    "  (every key: twn config --defaults)\n");
     return 2;
 }
 
+/* All roles share the cores: idle OpenMP threads must sleep, not spin.  With the default
+ * (active) policy an engine thread waiting at a barrier, or FAISS' k-means teams in an indexer,
+ * spin for up to ~300 ms against whoever has real work.  libgomp reads OMP_WAIT_POLICY once,
+ * when it is loaded (before main), so the only way to set it from inside is to run again with
+ * it in the environment.  A value the user set is kept. */
+static void omp_passive(int argc, char **argv) {
+    if (getenv("OMP_WAIT_POLICY")) return;
+    setenv("OMP_WAIT_POLICY", "passive", 1);
+    char **av = twn_calloc((size_t)argc + 2, sizeof *av);
+    av[0] = (char *)"twn";
+    for (int i = 0; i < argc; i++) av[i + 1] = argv[i];
+    execv("/proc/self/exe", av);
+    twn_free(av); /* no /proc: go on with the spinning default */
+}
+
 int twn_cmd_run(int argc, char **argv) {
-    const char *model_dir = NULL, *out = NULL, *factory = "Flat", *mode = NULL, *engine = "twn";
-    const char **inputs = twn_calloc((size_t)argc + 1, sizeof *inputs);
-    size_t n_in = 0;
-    int shards = 1, gates = 1, workers = 1, dim = 64;
-    long unit_items = 256;
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
-        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if (!strcmp(a, "--input") && v) {
-            inputs[n_in++] = v;
-            i++;
-            while (i + 1 < argc && argv[i + 1][0] != '-') inputs[n_in++] = argv[++i];
-            continue;
-        }
-        if (!v) {
-            twn_free(inputs);
-            return usage();
-        }
-        i++;
-        if (!strcmp(a, "--model"))
-            model_dir = v;
-        else if (!strcmp(a, "--out"))
-            out = v;
-        else if (!strcmp(a, "--shards"))
-            shards = atoi(v);
-        else if (!strcmp(a, "--mode"))
-            mode = v;
-        else if (!strcmp(a, "--factory"))
-            factory = v;
-        else if (!strcmp(a, "--unit-items"))
-            unit_items = atol(v);
-        else if (!strcmp(a, "--gates"))
-            gates = atoi(v);
-        else if (!strcmp(a, "--workers"))
-            workers = atoi(v);
-        else if (!strcmp(a, "--engine"))
-            engine = v;
-        else if (!strcmp(a, "--dim"))
-            dim = atoi(v);
-        else {
-            twn_free(inputs);
-            return usage();
-        }
+    for (int i = 1; i < argc; i++)
+        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) return usage();
+    omp_passive(argc, argv);
+    /* The job config (common/jobconf.h): --config FILE, TWN_* variables, flags; the old flags
+     * are its short aliases.  twn run always meets over inproc:// (the endpoints set below). */
+    twn_cli_job J;
+    int jrc = twn_cli_job_open(&J, "twn run", argc, argv,
+                               TWN_CLI_NEED_MODEL | TWN_CLI_NEED_INPUTS | TWN_CLI_NEED_OUT);
+    if (jrc) {
+        twn_cli_job_close(&J);
+        return jrc;
     }
-    int null_engine = !strcmp(engine, "null");
-    if (!out || !n_in || shards < 1 || gates < 1 || workers < 1 || unit_items < 1 ||
-        (!null_engine && (strcmp(engine, "twn") || !model_dir))) {
-        twn_free(inputs);
-        return usage();
-    }
-    twn_err err = {0};
-    twn_model *model = NULL;
-    twn_opts opts;
-    twn_opts_default(&opts);
-    if (mode && twn_mode_parse(mode, &opts, &err)) {
-        fprintf(stderr, "twn run: %s\n", err.msg);
-        twn_free(inputs);
-        return 2;
-    }
-    if (!null_engine) {
-        if (twn_model_load(model_dir, &model, &err)) {
-            fprintf(stderr, "twn run: %s\n", err.msg);
-            twn_free(inputs);
-            return 1;
+    const twn_conf *conf = &J.conf;
+    const char *model_dir = J.model ? conf->job.model : NULL, *out = conf->job.out;
+    const char *const *inputs = (const char *const *)conf->job.inputs.v;
+    size_t n_in = conf->job.inputs.n;
+    int shards = (int)conf->job.shards, gates = (int)conf->gate.count,
+        workers = (int)conf->worker.count, dim = J.dim;
+    twn_model *model = J.model;
+    twn_srcio_cfg io = J.io; /* borrowed: J owns what it points to */
+    /* job.out = s3://...: the journal, the shards and the dead letters are staged in the local
+     * directory of coordinator.journal; the finished snapshots are uploaded at the end, each
+     * shard's manifest last (index/outdir_s3.h). */
+    const char *out_uri = NULL;
+    char *stage = NULL, stage_dl[4200];
+    if (twn_s3_is_uri(out)) {
+        if (twn_s3_is_uri(conf->coordinator.journal)) {
+            fprintf(stderr,
+                    "twn run: job.out is %s: set coordinator.journal to a local file; the "
+                    "journal, the shards and the dead letters are staged in its directory\n",
+                    out);
+            twn_cli_job_close(&J);
+            return 2;
         }
-        dim = twn_model_dim(model);
+        out_uri = out;
+        out = stage = twn_path_dirname(conf->coordinator.journal);
+        snprintf(stage_dl, sizeof stage_dl, "%s/dead_letter.jsonl", stage);
     }
     mkdir(out, 0755);
+    twn_cli_observe obs; /* metrics.listen (status page, /metrics) and log.progress */
+    if ((jrc =
+             twn_cli_observe_start(&obs, "twn run", conf->metrics.listen, 1, conf->log.progress))) {
+        twn_cli_job_close(&J);
+        return jrc;
+    }
     void *zctx = zmq_ctx_new();
     size_t n_jobs = 1 + (size_t)shards + (size_t)gates + (size_t)workers;
     job *jobs = twn_calloc(n_jobs, sizeof *jobs);
@@ -128,23 +129,19 @@ int twn_cmd_run(int argc, char **argv) {
     char **eps = twn_calloc((size_t)shards, sizeof *eps);
     char **ids = twn_calloc(n_jobs, sizeof *ids);
     char **dirs = twn_calloc((size_t)shards, sizeof *dirs);
-    char journal[4096], dead[4096];
-    snprintf(journal, sizeof journal, "%s/journal", out);
-    snprintf(dead, sizeof dead, "%s/dead_letter.jsonl", out);
     const char *control = "inproc://twn-control";
     twn_coord_cfg cc;
-    twn_coord_cfg_default(&cc);
+    twn_cli_coord_cfg(&J, &cc);
     cc.zctx = zctx;
     cc.endpoint = control;
     cc.inputs = inputs;
     cc.n_inputs = n_in;
-    cc.unit_items = (uint64_t)unit_items;
-    cc.journal_path = journal;
-    cc.dead_letter_path = dead;
-    cc.model_hash = model ? model->man.sha256 : "null";
     cc.shards = (uint32_t)shards;
     cc.shard_endpoints = (const char *const *)eps;
     cc.stop = &g_stop;
+    cc.expect_peers = (uint32_t)(shards + gates + workers);
+    cc.io = &io;
+    if (out_uri && twn_s3_is_uri(cc.dead_letter_path)) cc.dead_letter_path = stage_dl;
     jobs[0].kind = 0;
     jobs[0].cc = &cc;
     size_t k = 1;
@@ -157,33 +154,34 @@ int twn_cmd_run(int argc, char **argv) {
         snprintf(ids[k], 32, "indexer-%d", s);
         job *j = &jobs[k];
         j->kind = 1;
-        twn_indexer_cfg_default(&j->ic);
+        twn_cli_indexer_cfg(&J, s, &j->ic);
         j->ic.zctx = zctx;
         j->ic.control = control;
         j->ic.id = ids[k];
         j->ic.endpoint = eps[s];
+        j->ic.bind = NULL;
         j->ic.dir = dirs[s];
         j->ic.shard = s;
         j->ic.n_shards = shards;
         j->ic.dim = dim;
-        j->ic.factory = factory;
         j->ic.model = model_dir ? model_dir : "null";
         j->ic.model_hash = cc.model_hash;
         j->ic.stop = &g_stop;
+        j->ic.faiss_threads = 1; /* see twn_faiss_thread_threads */
     }
     for (int g = 0; g < gates + workers; g++, k++) {
         job *j = &jobs[k];
         j->kind = g < gates ? 2 : 3;
         ids[k] = twn_malloc(32);
         snprintf(ids[k], 32, g < gates ? "gate-%d" : "worker-%d", g < gates ? g : g - gates);
-        twn_role_cfg_default(&j->rc);
+        twn_cli_role_cfg(&J, g >= gates, &j->rc);
         j->rc.zctx = zctx;
         j->rc.control = control;
         j->rc.id = ids[k];
         j->rc.model = model;
         j->rc.null_dim = dim;
-        j->rc.opts = opts;
         j->rc.stop = &g_stop;
+        j->rc.io = &io;
     }
     /* Indexers first (they bind the shard endpoints), then the coordinator, then the rest. */
     for (size_t i = 1; i <= (size_t)shards; i++) pthread_create(&th[i], NULL, job_main, &jobs[i]);
@@ -191,15 +189,45 @@ int twn_cmd_run(int argc, char **argv) {
     for (size_t i = (size_t)shards + 1; i < n_jobs; i++)
         pthread_create(&th[i], NULL, job_main, &jobs[i]);
     pthread_join(th[0], NULL);
+    twn_cli_observe_job_done(&obs);
     if (jobs[0].status) g_stop = 1;
     /* Indexers got Shutdown from the coordinator and finish their outputs; then the job is over
      * for gates and workers too, including any that never got a Welcome (a re-run over a
      * finished journal is done before they connect). */
     for (size_t i = 1; i <= (size_t)shards; i++) pthread_join(th[i], NULL);
     g_stop = 1;
+    /* Gates and workers see the stop between messages; one blocked in a send to a peer that has
+     * already gone (their DEALER/PUSH sends wait forever by design: nothing is dropped during the
+     * job) would hold the job open, so after a grace of missed_beats heartbeats the context is
+     * shut down, which makes every blocking call return ETERM.  The job's outcome is already
+     * decided by then (the coordinator and the shards have finished). */
+    double grace =
+        (double)J.conf.coordinator.heartbeat_ms / 1000.0 * (double)J.conf.coordinator.missed_beats +
+        1.0;
+    int forced = 0;
+    for (double waited = 0;; waited += 0.01) {
+        size_t left = 0;
+        for (size_t i = (size_t)shards + 1; i < n_jobs; i++)
+            left += !__atomic_load_n(&jobs[i].done, __ATOMIC_ACQUIRE);
+        if (!left) break;
+        if (waited >= grace) {
+            twn_log(TWN_LOG_WARN,
+                    "twn run: %zu gate/worker thread(s) still busy %.1f s after the job ended; "
+                    "shutting their sockets down",
+                    left, grace);
+            zmq_ctx_shutdown(zctx);
+            forced = 1;
+            break;
+        }
+        usleep(10000);
+    }
     for (size_t i = (size_t)shards + 1; i < n_jobs; i++) pthread_join(th[i], NULL);
     int status = 0;
     for (size_t i = 0; i < n_jobs; i++) {
+        if (jobs[i].status && forced && jobs[i].kind >= 2 && !jobs[0].status) {
+            twn_log(TWN_LOG_WARN, "twn run: after the job: %s", jobs[i].err.msg);
+            continue;
+        }
         if (jobs[i].status) {
             fprintf(stderr, "twn run: %s\n", jobs[i].err.msg);
             status = 1;
@@ -213,6 +241,21 @@ int twn_cmd_run(int argc, char **argv) {
                (unsigned long long)s->easy, (unsigned long long)s->hard,
                (unsigned long long)s->rejected, (unsigned long long)s->think_tokens, s->seconds);
     }
+    if (!status && out_uri) {
+        twn_s3 *s3 = NULL;
+        twn_err e = {0};
+        unsigned long long sent = 0;
+        if (twn_s3_open(&io.s3, &s3, &e) ||
+            twn_outdir_upload_job(out, shards, s3, out_uri, &sent, &e)) {
+            fprintf(stderr, "twn run: uploading %s to %s: %s\n", out, out_uri, e.msg);
+            status = 1;
+        } else {
+            printf("uploaded %llu bytes to %s\n", sent, out_uri);
+        }
+        twn_s3_close(s3);
+    }
+    fflush(stdout);
+    twn_cli_observe_stop(&obs, (double)conf->metrics.linger_ms / 1000.0, NULL);
     zmq_ctx_term(zctx);
     for (size_t i = 0; i < n_jobs; i++) twn_free(ids[i]);
     for (int s = 0; s < shards; s++) {
@@ -224,7 +267,7 @@ int twn_cmd_run(int argc, char **argv) {
     twn_free(dirs);
     twn_free(jobs);
     twn_free(th);
-    twn_free(inputs);
-    if (model) twn_model_free(model);
+    twn_free(stage);
+    twn_cli_job_close(&J);
     return status;
 }

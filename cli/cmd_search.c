@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cli/backend_opt.h"
 #include "cli/commands.h"
 #include "engine/twn.h"
 #include "index/search.h"
@@ -20,14 +21,15 @@
 
 static int usage(void) {
     fprintf(stderr, "usage: twn search --model DIR --index OUT (--text T | --image FILE) [-k 10] "
-                    "[--mode adaptive|never|always] [--params nprobe=16]\n");
+                    "[--mode adaptive|never|always] [--params nprobe=16] [--backend cpu|cuda|auto] "
+                    "[--device N]\n");
     return 2;
 }
 
 int twn_cmd_search(int argc, char **argv) {
     const char *model_dir = NULL, *index = NULL, *text = NULL, *image = NULL, *mode = NULL,
-               *params = NULL;
-    int k = 10;
+               *params = NULL, *backend = "cpu";
+    int k = 10, device = 0;
     for (int i = 1; i < argc; i += 2) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!v) return usage();
@@ -45,10 +47,17 @@ int twn_cmd_search(int argc, char **argv) {
             params = v;
         else if (!strcmp(a, "-k") || !strcmp(a, "--k"))
             k = atoi(v);
+        else if (!strcmp(a, "--backend"))
+            backend = v;
+        else if (!strcmp(a, "--device"))
+            device = atoi(v);
         else
             return usage();
     }
     if (!model_dir || !index || (!text && !image) || k < 1 || k > 10000) return usage();
+    twn_backend_opts bo;
+    int brc = twn_cli_backend_check("twn search", backend, device, &bo);
+    if (brc) return brc;
 
     /* the shard output directories */
     char pat[4096];
@@ -86,6 +95,10 @@ int twn_cmd_search(int argc, char **argv) {
     twn_index_hit *hits = NULL;
     if (twn_index_open((const char *const *)dirs, n_dirs, params, &ix, &err)) goto fail;
     if (twn_model_load(model_dir, &m, &err)) goto fail;
+    if (bo.kind != TWN_BACKEND_CPU) {
+        if (twn_model_set_backend(m, &bo, &err)) goto fail;
+        fprintf(stderr, "twn search: backend: %s\n", twn_backend_describe(m->backend));
+    }
     if (twn_model_dim(m) != twn_index_dim(ix)) {
         twn_err_set(&err, "the model embeds %d dimensions but the index holds %d", twn_model_dim(m),
                     twn_index_dim(ix));

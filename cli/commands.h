@@ -9,5 +9,13 @@ int twn_cmd_embed(int argc, char **argv);
 int twn_cmd_tokenize(int argc, char **argv);
 int twn_cmd_run(int argc, char **argv);
 int twn_cmd_search(int argc, char **argv);
+int twn_cmd_keygen(int argc, char **argv);
+int twn_cmd_config(int argc, char **argv);
+int twn_cmd_status(int argc, char **argv);
+/* cmd_roles.c: one role per process */
+int twn_cmd_coordinator(int argc, char **argv);
+int twn_cmd_gate(int argc, char **argv);
+int twn_cmd_worker(int argc, char **argv);
+int twn_cmd_indexer(int argc, char **argv);
 
 #endif

@@ -12,13 +12,20 @@ typedef struct {
 
 static const command commands[] = {
     /* one line per command; keep alphabetical */
-    {"mkmodel", twn_cmd_mkmodel, "write a deterministic random TWN checkpoint"},
-    {"tokenize", twn_cmd_tokenize, "print the token ids of a text (tokenizer.json)"},
+    {"config", twn_cmd_config, "print the job config keys (--defaults) or check a config file"},
+    {"coordinator", twn_cmd_coordinator, "run the coordinator role as a process (--config FILE)"},
     {"embed", twn_cmd_embed, "embed a JSONL file of items with a TWN checkpoint"},
+    {"gate", twn_cmd_gate, "run a gate service as a process (--config FILE)"},
+    {"indexer", twn_cmd_indexer, "run the indexer of one shard as a process (--config FILE)"},
+    {"inspect", twn_cmd_inspect, "print what a TWN checkpoint holds; refuse a broken one"},
+    {"keygen", twn_cmd_keygen, "write a CURVE keypair (PREFIX.key 0600, PREFIX.pub) for tcp://"},
+    {"mkmodel", twn_cmd_mkmodel, "write a deterministic random TWN checkpoint"},
     {"run", twn_cmd_run, "run the whole pipeline in one process (threads over inproc://)"},
     {"search", twn_cmd_search, "embed a query with the model and merge top-k over index shards"},
-    {"inspect", twn_cmd_inspect, "print what a TWN checkpoint holds; refuse a broken one"},
+    {"status", twn_cmd_status, "print a summary of a running job from its coordinator's URL"},
+    {"tokenize", twn_cmd_tokenize, "print the token ids of a text (tokenizer.json)"},
     {"version", NULL, "print the version"},
+    {"worker", twn_cmd_worker, "run a reasoning worker as a process (--config FILE)"},
 };
 
 static void usage(FILE *f) {
@@ -27,7 +34,7 @@ static void usage(FILE *f) {
             "usage: twn <command> [options]   (twn <command> --help for its options)\n\n",
             TWN_VERSION);
     for (size_t i = 0; i < sizeof commands / sizeof *commands; i++)
-        fprintf(f, "  %-10s %s\n", commands[i].name, commands[i].help);
+        fprintf(f, "  %-12s %s\n", commands[i].name, commands[i].help);
 }
 
 int main(int argc, char **argv) {

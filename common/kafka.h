@@ -65,6 +65,9 @@ void twn_kafka_close(twn_kafka *k);
 /* The latest error librdkafka reported on this handle (a broker down, a leader moving: errors it
  * recovers from by itself), "" when none; for logs and metrics. */
 const char *twn_kafka_last_error(const twn_kafka *k);
+/* fn(user) is called about every 100 ms while a reader waits for a message (a broker down, a
+ * leader moving), so a role can keep its heartbeats going through a long wait. */
+void twn_kafka_set_wait_hook(twn_kafka *k, void (*fn)(void *user), void *user);
 
 // ------------------------------------------------------------------------------------------------
 // Units and the planner

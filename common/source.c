@@ -32,6 +32,10 @@ const char *twn_src_format_name(twn_src_format f) {
         return "jsonl";
     case TWN_SRC_TAR:
         return "tar";
+    case TWN_SRC_KAFKA_JSON:
+        return "kafka-json";
+    case TWN_SRC_KAFKA_PROTO:
+        return "kafka-proto";
     }
     return "(unknown)";
 }
@@ -385,6 +389,7 @@ int twn_src_reader_open(twn_blob *b, const twn_src_unit *u, const twn_src_opts *
     r->o = o ? *o : twn_src_opts_default();
     r->pos = u->start;
     r->limit = u->end < b->size ? u->end : b->size;
+    if (b->will_read && r->limit > r->pos) b->will_read(b, r->pos, r->limit - r->pos);
     twn_src_cursor_init(&r->cur, b, (r->limit > r->pos ? r->limit - r->pos : 0) + 1024);
     r->index = u->first_index;
     r->line = u->first_line;

@@ -1,5 +1,9 @@
 /* source.h — local item sources: JSONL files and WebDataset tar shards (DESIGN.md §4).
  *
+ * The roles do not call this directly for their units: common/source_io.h plans and reads any
+ * store (local files, S3 objects through source_s3.h's blob, Kafka partitions through kafka.h)
+ * and converts units and refs to and from twn.proto for all of them.
+ *
  * Three pieces, all deterministic functions of the bytes so a restarted coordinator re-plans
  * exactly the same units and a worker re-reads exactly the item a ref names:
  *
@@ -73,6 +77,8 @@ typedef enum twn_src_format {
     TWN_SRC_AUTO = 0, /* by file name: *.tar -> TAR, anything else -> JSONL */
     TWN_SRC_JSONL = 1,
     TWN_SRC_TAR = 2,
+    TWN_SRC_KAFKA_JSON = 3, /* Kafka units (common/source_io.h; read by kafka.h, not here) */
+    TWN_SRC_KAFKA_PROTO = 4,
 } twn_src_format;
 
 typedef struct twn_src_opts {
@@ -98,6 +104,9 @@ struct twn_blob {
     /* Reads up to n bytes at off into buf; *got < n only at the end of the blob. */
     int (*read_at)(twn_blob *b, uint64_t off, void *buf, size_t n, size_t *got, twn_err *err);
     void (*close)(twn_blob *b);
+    /* Optional (NULL: none): the caller is about to read [off, off+n) front to back.  A remote
+     * blob fetches that range in a few large requests instead of one per read_at. */
+    void (*will_read)(twn_blob *b, uint64_t off, uint64_t n);
 };
 
 int twn_blob_open_file(const char *path, twn_blob **out, twn_err *err);

@@ -93,7 +93,8 @@ static void add_image_path(twn_src_item *it, const char *base, const char *p) {
     it->images = twn_realloc(it->images, (it->n_images + 1) * sizeof *it->images);
     twn_src_image *im = &it->images[it->n_images++];
     memset(im, 0, sizeof *im);
-    im->path = twn_path_join(base, p);
+    /* a URI ("s3://bucket/key") is absolute wherever the JSONL file lives */
+    im->path = strstr(p, "://") ? twn_strdup(p) : twn_path_join(base, p);
 }
 
 static int take_image(json_t *v, const char *label, const char *base, const char *path,

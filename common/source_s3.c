@@ -11,11 +11,12 @@
  * readers often read a span and then a part of it again (the tar reader scans an item's headers
  * through its cursor, then reads the member data), and that second read must not cost a GET.
  *
- * Sequential reads (each starting where the previous one ended: a unit reader's cursor walking
- * its range in 256 KiB windows) fetch ahead, in windows doubling from 512 KiB to 8 MiB, so a
- * large unit costs a few GETs instead of one per window.  A first read, or one that does not
- * continue the previous one (a worker re-reading one item by its ref), fetches exactly what it
- * asks for. */
+ * A reader that announces the range it will walk (will_read: a unit reader its unit, the planner
+ * the whole object) gets it in GETs of up to 8 MiB from the first read on.  Otherwise sequential
+ * reads (each starting where the previous one ended) fetch ahead, in windows doubling from 512 KiB
+ * to 8 MiB, so a large range costs a few GETs instead of one per 256 KiB cursor window.  A first
+ * read, or one that does not continue the previous one (a worker re-reading one item by its ref),
+ * fetches exactly what it asks for. */
 #define S3_BLOB_KEEP   (1u << 20)
 #define S3_BLOB_RA_MIN (512u << 10)
 #define S3_BLOB_RA_MAX (8u << 20)
@@ -27,9 +28,10 @@ typedef struct {
     uint8_t *kept;
     size_t kept_cap, kept_len;
     uint64_t kept_off;
-    int have_seq;     /* a read happened: seq_end is meaningful */
-    uint64_t seq_end; /* where the previous read ended */
-    size_t ahead;     /* the current read-ahead window, 0 when not sequential */
+    uint64_t hint_off, hint_end; /* will_read: the range being walked (empty: none) */
+    int have_seq;                /* a read happened: seq_end is meaningful */
+    uint64_t seq_end;            /* where the previous read ended */
+    size_t ahead;                /* the current read-ahead window, 0 when not sequential */
 } s3_blob;
 
 static void keep_room(s3_blob *o, size_t n) {
@@ -59,6 +61,12 @@ static int s3_read_at(twn_blob *b, uint64_t off, void *buf, size_t n, size_t *go
                             : S3_BLOB_RA_MIN;
     size_t want = n;
     if (o->ahead > want) want = b->size - off < o->ahead ? (size_t)(b->size - off) : o->ahead;
+    if (off >= o->hint_off && off < o->hint_end) {
+        /* inside the announced range: the rest of it, up to the largest window */
+        uint64_t rest = o->hint_end - off;
+        size_t w = rest < S3_BLOB_RA_MAX ? (size_t)rest : S3_BLOB_RA_MAX;
+        if (w > want) want = w;
+    }
     if (want > n) { /* read ahead into the kept buffer */
         keep_room(o, want);
         size_t k = 0;
@@ -79,6 +87,12 @@ static int s3_read_at(twn_blob *b, uint64_t off, void *buf, size_t n, size_t *go
         o->kept_len = *got;
     }
     return 0;
+}
+
+static void s3_will_read(twn_blob *b, uint64_t off, uint64_t n) {
+    s3_blob *o = (s3_blob *)b;
+    o->hint_off = off;
+    o->hint_end = off + n < b->size ? off + n : b->size;
 }
 
 static void s3_close(twn_blob *b) {
@@ -111,6 +125,7 @@ int twn_blob_open_s3(twn_s3 *s, const char *bucket, const char *key, uint64_t si
     o->b.size = size;
     o->b.read_at = s3_read_at;
     o->b.close = s3_close;
+    o->b.will_read = s3_will_read;
     *out = &o->b;
     return 0;
 }
@@ -154,6 +169,7 @@ int twn_src_plan_s3(twn_s3 *s, const char *uri, twn_src_format fmt, uint64_t ite
         if (!kl || o->key[kl - 1] == '/' || !o->size) continue;
         twn_blob *b;
         if ((rc = twn_blob_open_s3(s, u.bucket, o->key, o->size, o->etag, &b, err))) break;
+        b->will_read(b, 0, o->size); /* planning walks the whole object */
         rc = twn_src_plan_blob(b, b->name, fmt, items_per_unit, next_id, fn, user, err);
         twn_blob_close(b);
         if (!rc && n_objects) (*n_objects)++;

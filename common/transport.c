@@ -12,6 +12,7 @@
 #include <zmq.h>
 #include <zstd.h>
 
+#include "common/curve.h"
 #include "util/mem.h"
 
 #define MAGIC0 'T'
@@ -361,8 +362,14 @@ const char *twn_peer_id_str(const twn_peer_id *id, char *buf, size_t cap) {
 // ------------------------------------------------------------------------------------------------
 // Sockets
 
+int64_t twn_wire_limit(const twn_frame_opts *fo) {
+    return (int64_t)frame_limit(fo) + TWN_FRAME_HEADER + TWN_WIRE_OVERHEAD;
+}
+
 twn_sock_opts twn_sock_opts_default(void) {
-    twn_sock_opts o = {.linger_ms = 1000, .sndtimeo_ms = 5000};
+    twn_frame_opts fo = twn_frame_opts_default();
+    twn_sock_opts o = {
+        .linger_ms = 1000, .sndtimeo_ms = 5000, .max_msg_bytes = twn_wire_limit(&fo)};
     return o;
 }
 
@@ -465,6 +472,12 @@ void *twn_sock_new(void *zctx, int type, const twn_sock_opts *o, twn_err *err) {
             goto fail;
         }
     }
+    if (o->max_msg_bytes &&
+        zmq_setsockopt(s, ZMQ_MAXMSGSIZE, &o->max_msg_bytes, sizeof o->max_msg_bytes)) {
+        twn_err_set(err, "%s: setting ZMQ_MAXMSGSIZE to %lld: %s", sock_type_name(type),
+                    (long long)o->max_msg_bytes, zmq_strerror(zmq_errno()));
+        goto fail;
+    }
     if (o->heartbeat_ivl_ms > 0) {
         if (setopt_int(s, ZMQ_HEARTBEAT_IVL, o->heartbeat_ivl_ms, "ZMQ_HEARTBEAT_IVL", type, err) ||
             setopt_int(s, ZMQ_HEARTBEAT_TIMEOUT, 3 * o->heartbeat_ivl_ms, "ZMQ_HEARTBEAT_TIMEOUT",
@@ -478,7 +491,9 @@ fail:
 }
 
 void twn_sock_close(void *sock) {
-    if (sock) zmq_close(sock);
+    if (!sock) return;
+    twn_curve_unwatch(sock); /* a handshake monitor, if one was started (common/curve.h) */
+    zmq_close(sock);
 }
 
 static int sock_type(void *s) {

@@ -25,6 +25,16 @@
  * ("tcp://127.0.0.1:*" binds an ephemeral port; twn_sock_bind returns the real endpoint). A ZeroMQ
  * socket belongs to one thread; use inproc:// between the threads of `twn run`.
  *
+ * Security (common/curve.h): every tcp:// socket between processes can be CURVE-encrypted and
+ * authenticated.  The servers (coordinator ROUTER, indexer PULLs) share one server keypair; each
+ * client process (gates, workers, indexers as DEALERs) has its own keypair, and a server accepts
+ * only clients whose public key is on its allow-list (a ZAP handler thread per context).  A role
+ * calls twn_curve_server before binding and twn_curve_client before connecting; both do nothing
+ * for inproc:// and ipc://, which stay plain.  Size limits: the frame limit (max_size, checked
+ * on the declared size before decompressing) and ZMQ_MAXMSGSIZE (twn_wire_limit: libzmq refuses
+ * a larger message part before allocating it and drops that connection) come from one number,
+ * limits.max_message_bytes.
+ *
  * Liveness and flow control are bookkeeping only (no I/O): twn_peers is the table a ROUTER owner
  * keeps (last seen, dead after `missed_beats` silent intervals, credits); twn_credits is the
  * counter behind "never send without credit"; twn_beat says when a DEALER's next Heartbeat is due.
@@ -149,9 +159,19 @@ typedef struct twn_sock_opts {
     int sndtimeo_ms;        /* blocking sends (DEALER/PUSH) give up after this; -1 = forever */
     const char *routing_id; /* DEALER: its identity (Hello.id); NULL = none */
     int heartbeat_ivl_ms;   /* ZMTP connection heartbeats (ZMQ_HEARTBEAT_IVL/TIMEOUT); 0 = off */
+    int64_t max_msg_bytes;  /* ZMQ_MAXMSGSIZE: libzmq drops the connection of a peer sending a
+                               larger message part before allocating it; 0 = none.  Set it
+                               with twn_wire_limit(frame opts) so it matches the frame limit. */
 } twn_sock_opts;
 
-/* linger 1000 ms, libzmq HWMs, sndtimeo 5000 ms, no routing id, no ZMTP heartbeats. */
+/* Room over a frame's payload limit for the frame header and CURVE's per-message box. */
+#define TWN_WIRE_OVERHEAD 256u
+
+/* The ZeroMQ message limit that goes with frame options: max_size + header + overhead. */
+int64_t twn_wire_limit(const twn_frame_opts *fo);
+
+/* linger 1000 ms, libzmq HWMs, sndtimeo 5000 ms, no routing id, no ZMTP heartbeats,
+ * max_msg_bytes = twn_wire_limit(twn_frame_opts_default()) (64 MiB + 268). */
 twn_sock_opts twn_sock_opts_default(void);
 
 /* Checks "inproc://name", "ipc://path" (path 1..TWN_IPC_PATH_MAX bytes) or "tcp://host:port"

@@ -8,7 +8,10 @@
 #include <zmq.h>
 
 #include "common/source.h"
+#include "common/source_io.h"
 #include "common/transport.h"
+#include "coordinator/cmetrics.h"
+#include "coordinator/offsets.h"
 #include "util/clock.h"
 #include "util/log.h"
 #include "util/mem.h"
@@ -49,6 +52,7 @@ typedef struct peer_user {
     uint32_t wid;
     int role;
     int shut; /* Shutdown sent */
+    int bye;  /* the peer said Shutdown: it is leaving (or acknowledged ours) */
 } peer_user;
 
 typedef struct coord {
@@ -60,11 +64,17 @@ typedef struct coord {
     twn_cstate *cs;
     FILE *dl;
     void *router;
+    twn_zap *zap; /* the context's ZAP handler while the ROUTER is CURVE (common/curve.h) */
     twn_frame_opts fo;
     twn_peers *peers;
     uint32_t next_wid;
     const Twn__ItemRef *cur_ref; /* the Reject being dead-lettered (for dead_letter.jsonl) */
     int cur_stage;               /* its Twn__Stage */
+    twn_srcio *io;               /* S3 listing, Kafka watermarks and group commits */
+    twn_offsets *offs;           /* Kafka offsets committed behind the durable low water */
+    twn_cmetrics metrics;        /* in twn_metrics_default() (cmetrics.h) */
+    keyidx *dl_old;              /* (unit, index) of the lines dead_letter.jsonl already has */
+    size_t n_dl_old;
 } coord;
 
 static int keyidx_cmp(const void *a, const void *b) {
@@ -137,11 +147,42 @@ static void json_str(FILE *f, const char *s) {
     fputc('"', f);
 }
 
+/* The journal commits a DEAD_LETTER record a few ms after its line is written here, so a
+ * coordinator killed in between finds the item not yet dead after a restart, and it is rejected
+ * (and written) again.  The lines already in the file are loaded at start and not repeated. */
+static void dl_load(coord *c, const char *path) {
+    FILE *f = fopen(path, "r");
+    if (!f) return;
+    char *line = NULL;
+    size_t cap = 0, n_cap = 0;
+    while (getline(&line, &cap, f) > 0) {
+        const char *u = strstr(line, ",\"unit\":"), *i = u ? strstr(u, ",\"index\":") : NULL;
+        if (!i) continue;
+        if (c->n_dl_old == n_cap) {
+            n_cap = n_cap ? 2 * n_cap : 64;
+            c->dl_old = twn_realloc(c->dl_old, n_cap * sizeof *c->dl_old);
+        }
+        c->dl_old[c->n_dl_old++] =
+            (keyidx){strtoull(u + 8, NULL, 10), (uint32_t)strtoull(i + 9, NULL, 10)};
+    }
+    free(line);
+    fclose(f);
+}
+
+static int dl_keyidx_cmp(const void *a, const void *b) {
+    const keyidx *x = a, *y = b;
+    if (x->key != y->key) return x->key < y->key ? -1 : 1;
+    return x->idx < y->idx ? -1 : x->idx > y->idx;
+}
+
 static void on_dead_letter(void *ctx, uint64_t unit, uint32_t item, twn_stage stage,
                            const char *reason) {
     coord *c = ctx;
+    twn_cmetrics_dead_letter(&c->metrics, stage);
     if (!c->dl) return;
     cunit *u = unit_of(c, unit);
+    keyidx k = {unit, (uint32_t)((u ? u->u->first_index : 0) + item)};
+    if (c->n_dl_old && bsearch(&k, c->dl_old, c->n_dl_old, sizeof k, dl_keyidx_cmp)) return;
     const Twn__ItemRef *r = c->cur_ref;
     fputs("{\"ref\":{\"path\":", c->dl);
     json_str(c->dl, u ? u->u->path : "");
@@ -191,6 +232,21 @@ static void send_shutdown(coord *c, twn_peer *p, const char *why) {
     env.shutdown = &sd;
     send_env(c, &p->id, &env);
     if (p->user) ((peer_user *)p->user)->shut = 1;
+}
+
+/* A message from a peer this coordinator does not know (it was restarted: the peer's DEALER
+ * reconnected by itself; or it declared the peer dead): a Welcome that does not accept tells it
+ * to say Hello again (gate.c, index/service.c), so it gets a worker id, credits and, at the end,
+ * its Shutdown.  Its Acks, Rejects and HardItems are still taken: they are facts, not requests. */
+static void ask_hello(coord *c, const twn_peer_id *to) {
+    Twn__Welcome w = TWN__WELCOME__INIT;
+    w.accepted = 0;
+    w.reason = (char *)"unknown peer (the coordinator restarted, or declared it dead): send Hello";
+    w.job_id = (char *)"twn";
+    Twn__Envelope env = TWN__ENVELOPE__INIT;
+    env.body_case = TWN__ENVELOPE__BODY_WELCOME;
+    env.welcome = &w;
+    send_env(c, to, &env);
 }
 
 static void on_hello(coord *c, const twn_peer_id *from, const Twn__Hello *h, double now) {
@@ -303,7 +359,10 @@ static void on_ack(coord *c, const Twn__Ack *a) {
             rc = twn_cstate_ack_range(c->cs, u->key, lo, lo + (uint32_t)r->count, TWN_ROUTE_EASY,
                                       &e);
         }
-        if (rc) warn("Ack", &e);
+        if (rc)
+            warn("Ack", &e);
+        else
+            twn_cmetrics_acked(&c->metrics, a->shard, r->count);
     }
 }
 
@@ -320,12 +379,15 @@ static void grant_gate(coord *c, twn_peer *p, double now) {
         if (rc != 1) return;
         cunit *u = unit_of(c, g.unit);
         Twn__SourceRef s = TWN__SOURCE_REF__INIT;
-        twn_src_unit_to_proto(u->u, &s);
+        twn_srcio_buf sb;
+        if (twn_srcio_unit_to_proto(u->u, &s, &sb, &e)) warn("UnitLease", &e);
         Twn__UnitLease l = TWN__UNIT_LEASE__INIT;
         l.unit_id = g.unit;
         l.source = &s;
         l.attempt = g.attempt;
         l.lease_id = g.lease;
+        l.deadline_unix_ms = twn_unix_ms_at(g.deadline);
+        l.lease_ms = (uint32_t)(c->cfg->cs.unit_lease.lease_s * 1000.0);
         Twn__Envelope env = TWN__ENVELOPE__INIT;
         env.body_case = TWN__ENVELOPE__BODY_UNIT_LEASE;
         env.unit_lease = &l;
@@ -348,13 +410,14 @@ static void grant_worker(coord *c, twn_peer *p, double now) {
         Twn__HardItem **hp = twn_calloc(g.n, sizeof *hp);
         Twn__ItemRef *refs = twn_calloc(g.n, sizeof *refs);
         Twn__SourceRef *srcs = twn_calloc(g.n, sizeof *srcs);
+        twn_srcio_buf *bufs = twn_calloc(g.n, sizeof *bufs);
         size_t n = 0;
         for (size_t i = 0; i < g.n; i++) {
             cunit *u = unit_of(c, g.items[i].unit);
             if (!u) continue;
             hard_ref *hr = hard_find(u, g.items[i].item);
             twn__source_ref__init(&srcs[n]);
-            twn_src_unit_to_proto(u->u, &srcs[n]);
+            if (twn_srcio_unit_to_proto(u->u, &srcs[n], &bufs[n], &e)) warn("ReasonLease", &e);
             twn__item_ref__init(&refs[n]);
             refs[n].unit_id = u->key;
             refs[n].item_index = u->u->first_index + g.items[i].item;
@@ -374,6 +437,8 @@ static void grant_worker(coord *c, twn_peer *p, double now) {
         Twn__ReasonLease l = TWN__REASON_LEASE__INIT;
         l.batch_id = g.lease;
         l.lease_id = g.lease;
+        l.deadline_unix_ms = twn_unix_ms_at(g.deadline);
+        l.lease_ms = (uint32_t)(c->cfg->cs.hard_lease.lease_s * 1000.0);
         l.n_items = n;
         l.items = hp;
         l.attempt = g.n ? g.items[0].attempt : 1;
@@ -385,6 +450,7 @@ static void grant_worker(coord *c, twn_peer *p, double now) {
         twn_free(hp);
         twn_free(refs);
         twn_free(srcs);
+        twn_free(bufs);
         if (bad) {
             warn("ReasonLease", &e);
             return;
@@ -402,6 +468,7 @@ static void handle(coord *c, const twn_peer_id *from, Twn__Envelope *m, double n
     }
     twn_peer *p = twn_peers_touch(c->peers, from, now);
     peer_user *pu = p && p->alive ? p->user : NULL;
+    if (!pu && m->body_case != TWN__ENVELOPE__BODY_SHUTDOWN) ask_hello(c, from);
     switch (m->body_case) {
     case TWN__ENVELOPE__BODY_HEARTBEAT:
         if (pu) twn_cstate_heartbeat(c->cs, pu->wid, now);
@@ -423,6 +490,14 @@ static void handle(coord *c, const twn_peer_id *from, Twn__Envelope *m, double n
         if (twn_cstate_finish(c->cs, m->finished->lease_id, now, &e) < 0) warn("Finished", &e);
         break;
     }
+    case TWN__ENVELOPE__BODY_SHUTDOWN:
+        /* A peer leaving on its own: its leases go back now rather than after missed beats. */
+        if (pu) {
+            twn_cstate_worker_dead(c->cs, pu->wid);
+            pu->bye = 1;
+            p->alive = 0;
+        }
+        break;
     default:
         break; /* Progress, UnitDone: informational */
     }
@@ -432,6 +507,7 @@ static void coord_free(coord *c) {
     for (size_t i = 0; i < c->n; i++) hard_clear(&c->units[i]);
     twn_free(c->units);
     twn_free(c->keys);
+    twn_free(c->dl_old);
     twn_src_units_free(&c->plan);
     if (c->peers) {
         for (size_t i = 0; i < twn_peers_count(c->peers); i++)
@@ -439,19 +515,27 @@ static void coord_free(coord *c) {
         twn_peers_free(c->peers);
     }
     if (c->router) twn_sock_close(c->router);
+    twn_zap_release(c->zap); /* after the socket: no handshake may find the handler gone */
+    twn_cmetrics_free(&c->metrics);
     if (c->dl) fclose(c->dl);
+    twn_offsets_free(c->offs);
+    twn_srcio_close(c->io);
 }
 
 int twn_coord_run(const twn_coord_cfg *cfg, twn_coord_summary *sum, twn_err *err) {
     coord c = {0};
     c.cfg = cfg;
     c.fo = twn_frame_opts_default();
+    if (cfg->max_message_bytes) c.fo.max_size = cfg->max_message_bytes;
     c.next_wid = 1;
+    twn_cmetrics_init(&c.metrics, twn_metrics_default(), cfg->shards);
     double t0 = twn_now();
     char *sources = NULL;
     int rc = -1;
 
-    if (twn_src_plan_files(cfg->inputs, cfg->n_inputs, TWN_SRC_AUTO, cfg->unit_items, &c.plan, err))
+    if (twn_srcio_open(cfg->io, &c.io, err) ||
+        twn_srcio_plan(c.io, cfg->inputs, cfg->n_inputs, cfg->unit_items, &c.plan, NULL, err) ||
+        twn_offsets_new(&c.plan, 0.2, &c.offs, err))
         goto out;
     c.n = c.plan.n;
     c.units = twn_calloc(c.n + 1, sizeof *c.units);
@@ -475,6 +559,8 @@ int twn_coord_run(const twn_coord_cfg *cfg, twn_coord_summary *sum, twn_err *err
     }
     twn_plan_fp fp = {sources, cfg->unit_items, cfg->model_hash ? cfg->model_hash : ""};
     twn_cstate_hooks hooks = {&c, on_dead_letter, on_unit_done};
+    if (cfg->dead_letter_path) dl_load(&c, cfg->dead_letter_path);
+    if (c.n_dl_old) qsort(c.dl_old, c.n_dl_old, sizeof *c.dl_old, dl_keyidx_cmp);
     if (cfg->dead_letter_path && !(c.dl = fopen(cfg->dead_letter_path, "a"))) {
         twn_err_errno(err, "cannot open dead-letter file %s", cfg->dead_letter_path);
         twn_free(specs);
@@ -489,11 +575,20 @@ int twn_coord_run(const twn_coord_cfg *cfg, twn_coord_summary *sum, twn_err *err
 
     twn_sock_opts so = twn_sock_opts_default();
     so.linger_ms = 0;
+    so.max_msg_bytes = twn_wire_limit(&c.fo);
     if (!(c.router = twn_sock_new(cfg->zctx, ZMQ_ROUTER, &so, err)) ||
+        twn_curve_server(cfg->zctx, c.router, cfg->endpoint, cfg->curve, &c.zap, err) ||
         twn_sock_bind(c.router, cfg->endpoint, NULL, 0, err))
         goto out;
     c.peers = twn_peers_new(cfg->heartbeat_s, (int)cfg->missed_beats);
 
+    /* The journal had every unit done: a re-run after the end (twn run's threads say Hello at
+     * once: expect_peers).  Peers of the previous incarnation, and processes restarted after it
+     * ended (an indexer killed while finishing its snapshot), may still be waiting for their
+     * Shutdown: listen for them as long as a peer may be silent before it counts as dead. */
+    double t_rerun = twn_cstate_all_done(c.cs) && !cfg->expect_peers
+                         ? cfg->heartbeat_s * (cfg->missed_beats > 0 ? cfg->missed_beats : 1)
+                         : 0;
     while (!twn_cstate_all_done(c.cs)) {
         if (cfg->stop && *cfg->stop) {
             twn_err_set(err, "coordinator: stopped before the job finished");
@@ -525,6 +620,9 @@ int twn_coord_run(const twn_coord_cfg *cfg, twn_coord_summary *sum, twn_err *err
             if (pu) twn_cstate_worker_dead(c.cs, pu->wid);
         }
         if (twn_cstate_tick(c.cs, now, err)) goto out;
+        twn_cmetrics_update(&c.metrics, c.cs, now, 0);
+        if (twn_offsets_commit(c.offs, c.io, twn_cstate_low_water(c.cs), now, 0, &e))
+            warn("Kafka commit", &e); /* retried on a later pass */
         for (size_t i = 0; i < twn_peers_count(c.peers); i++) {
             twn_peer *p = twn_peers_at(c.peers, i);
             if (!p->alive || !p->user) continue;
@@ -534,6 +632,7 @@ int twn_coord_run(const twn_coord_cfg *cfg, twn_coord_summary *sum, twn_err *err
                 grant_worker(&c, p, now);
         }
     }
+    twn_cmetrics_update(&c.metrics, c.cs, twn_now(), 1);
     twn_cstate_stats st;
     twn_cstate_stats_get(c.cs, &st);
     if (twn_cstate_close(c.cs, err)) {
@@ -541,13 +640,34 @@ int twn_coord_run(const twn_coord_cfg *cfg, twn_coord_summary *sum, twn_err *err
         goto out;
     }
     c.cs = NULL;
+    /* Everything is in the journal now: the group's offsets go to the end of the plan.  A
+     * failure leaves them behind; a re-run then replans from there and the journal finds those
+     * units done. */
+    for (int tries = 0; tries < 3; tries++) {
+        twn_err e;
+        if (!twn_offsets_commit(c.offs, c.io, (uint32_t)c.n, twn_now(), 1, &e)) break;
+        warn("final Kafka commit", &e);
+    }
     for (size_t i = 0; i < twn_peers_count(c.peers); i++) {
         twn_peer *p = twn_peers_at(c.peers, i);
         if (p->alive) send_shutdown(&c, p, "job finished");
     }
-    /* Peers that say anything after this (late Hellos included) are told to stop, for a while. */
-    double until = twn_now() + cfg->heartbeat_s * 2;
+    /* Every peer answers Shutdown with a Shutdown of its own once it has it (the ROUTER must stay
+     * open until then, or the message dies in its queue).  End as soon as each peer has answered
+     * or is gone (silent for missed_beats heartbeats); a late Hello meanwhile is told to stop too
+     * and then waited for like the rest.  The bound is the time after which a silent peer counts
+     * as dead anyway. */
+    double until = twn_now() + cfg->heartbeat_s * (cfg->missed_beats > 0 ? cfg->missed_beats : 1);
+    double t_min = twn_now() + t_rerun;
     while (twn_now() < until) {
+        twn_peer *dead[16];
+        twn_peers_expire(c.peers, twn_now(), dead, 16);
+        size_t waiting = 0;
+        for (size_t i = 0; i < twn_peers_count(c.peers); i++) {
+            twn_peer *p = twn_peers_at(c.peers, i);
+            waiting += p->alive && !(p->user && ((peer_user *)p->user)->bye);
+        }
+        if (!waiting && twn_peers_count(c.peers) >= cfg->expect_peers && twn_now() >= t_min) break;
         twn_peer_id from;
         Twn__Envelope *m = NULL;
         twn_err e;
@@ -556,8 +676,16 @@ int twn_coord_run(const twn_coord_cfg *cfg, twn_coord_summary *sum, twn_err *err
         if (s != TWN_RECV_MSG) continue;
         twn_peer *p = m->body_case == TWN__ENVELOPE__BODY_HELLO
                           ? twn_peers_add(c.peers, &from, twn_now())
-                          : twn_peers_find(c.peers, &from);
-        if (p && (!p->user || !((peer_user *)p->user)->shut)) send_shutdown(&c, p, "job finished");
+                          : twn_peers_touch(c.peers, &from, twn_now());
+        if (!p && m->body_case != TWN__ENVELOPE__BODY_SHUTDOWN) /* a peer of an earlier run */
+            p = twn_peers_add(c.peers, &from, twn_now());
+        if (p && !p->user) p->user = twn_calloc(1, sizeof(peer_user));
+        if (p && m->body_case == TWN__ENVELOPE__BODY_HELLO)
+            ((peer_user *)p->user)->shut = ((peer_user *)p->user)->bye = 0; /* a new incarnation */
+        if (p && m->body_case == TWN__ENVELOPE__BODY_SHUTDOWN)
+            ((peer_user *)p->user)->bye = 1;
+        else if (p && !((peer_user *)p->user)->shut)
+            send_shutdown(&c, p, "job finished");
         twn_msg_free(m);
     }
     memset(sum, 0, sizeof *sum);

@@ -1,7 +1,8 @@
 /* service.h — the coordinator role: a ROUTER on the control endpoint around cstate.h.
  *
- * The loop plans the units of local JSONL/tar files, opens the journal (cstate), and translates
- * messages into cstate calls (see cstate.h's header for which call goes with which message):
+ * The loop plans the units of its inputs (local JSONL/tar files, s3:// prefixes, kafka:// topics:
+ * common/source_io.h), opens the journal (cstate), and translates messages into cstate calls (see
+ * cstate.h's header for which call goes with which message):
  *   Hello -> Welcome (shard endpoints, heartbeat interval) + a fresh worker id for leases;
  *   WorkRequest -> credits; units go to gates and hard batches to workers only against credits;
  *   HardItems -> twn_cstate_report_hard (their refs are kept until the unit is done, so a
@@ -9,8 +10,13 @@
  *   length 0 and the worker finds the item by scanning its unit);
  *   Rejects -> twn_cstate_dead_letter + one line in dead_letter.jsonl;
  *   Ack -> twn_cstate_ack / ack_range; Finished -> twn_cstate_finish; Heartbeat -> renewals.
- * Peers silent past missed_beats intervals are declared dead (their leases re-queued).  When every
- * unit is done it sends Shutdown to every peer and returns the job's summary.
+ * Kafka offsets are committed for the consumer group behind the durable low-water mark
+ * (coordinator/offsets.h); a restarted coordinator plans Kafka from them and finds the units
+ * done since in its journal.
+ * Peers silent past missed_beats intervals are declared dead (their leases re-queued); a peer
+ * that sends Shutdown is leaving (its leases are re-queued at once).  When every unit is done it
+ * sends Shutdown to every peer, waits until each has answered with a Shutdown or gone silent
+ * (see expect_peers), and returns the job's summary.
  *
  * Item indices on the wire (ItemRef.item_index, EmbeddingItem.item_index, AckRange.first_index)
  * are indices in the source object; the coordinator converts them to indices in the unit. */
@@ -20,6 +26,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "common/curve.h"
+#include "common/source_io.h"
 #include "coordinator/cstate.h"
 #include "util/err.h"
 
@@ -38,7 +46,17 @@ typedef struct twn_coord_cfg {
     uint32_t missed_beats;              /* dead after this many silent intervals */
     uint32_t hard_batch;                /* hard items per ReasonLease (cs.hard_batch) */
     twn_cstate_cfg cs;
+    const twn_srcio_cfg *io; /* S3 / Kafka access for s3:// and kafka:// inputs (NULL: defaults
+                                and the AWS_* variables; Kafka then has no brokers) */
+    /* CURVE for a tcp:// endpoint (NULL: plain; common/curve.h) */
+    const twn_curve_cfg *curve;
+    /* frame / ZeroMQ message limit (limits.max_message_bytes); 0 = 64 MiB (transport.h) */
+    size_t max_message_bytes;
     volatile int *stop; /* optional: set non-zero to stop early (returns -1) */
+    /* At the end every peer answers Shutdown (or goes silent); the coordinator returns once all
+     * have, and at least expect_peers peers have been seen (twn run knows its threads: a re-run
+     * of a finished job must still tell each one to stop), or after missed_beats intervals. */
+    uint32_t expect_peers;
 } twn_coord_cfg;
 
 /* Defaults: unit_items 256, heartbeat 1 s, 5 missed beats, cstate defaults. */

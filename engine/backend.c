@@ -15,6 +15,7 @@
 
 struct twn_bkv {
     twn_kv cpu;
+    int64_t held; /* cpu with a KV budget: rows this cache holds of the budget */
     twn_cuda_kv *dev;
 };
 
@@ -23,6 +24,14 @@ struct twn_backend {
     const twn_lm *lm;
     const twn_cuda_module *mod;
     twn_cuda_ctx *ctx;
+    /* cuda: one context (stream, step arena, KV page list) serves every thread of the process
+     * (twn run's gate and worker threads share one model), so its calls are serialized.  The
+     * cpu backend needs no lock: twn_lm_forward only reads the model. */
+    pthread_mutex_t lock;
+    /* cpu with a KV budget (opts.kv_budget_bytes): rows of fp32 K and V all layers may hold,
+     * handed out like the cuda pool's pages (reserved at open, grown by a step, returned at
+     * close), so that the scheduler's waiting for KV is the same on both; 0: unbounded */
+    int64_t kv_rows_cap, kv_rows_used;
     char desc[TWN_ERR_MAX + 64];
 };
 
@@ -192,6 +201,7 @@ int twn_backend_open(const twn_lm *lm, const twn_backend_opts *o, twn_backend **
     }
     twn_backend *b = twn_calloc(1, sizeof *b);
     b->lm = lm;
+    pthread_mutex_init(&b->lock, NULL);
     *out = NULL;
     if (o->kind != TWN_BACKEND_CPU) {
         char why[TWN_ERR_MAX];
@@ -211,6 +221,7 @@ int twn_backend_open(const twn_lm *lm, const twn_backend_opts *o, twn_backend **
             b->mod = NULL;
         }
         if (o->kind == TWN_BACKEND_CUDA) {
+            pthread_mutex_destroy(&b->lock);
             twn_free(b);
             return twn_err_set(err, "backend cuda: %s", why);
         }
@@ -218,13 +229,48 @@ int twn_backend_open(const twn_lm *lm, const twn_backend_opts *o, twn_backend **
     } else
         snprintf(b->desc, sizeof b->desc, "cpu (OpenBLAS, fp32)");
     b->kind = TWN_BACKEND_CPU;
+    if (o->kv_budget_bytes) {
+        const size_t row = 2 * sizeof(float) * (size_t)lm->L * (size_t)lm->nkv * (size_t)lm->D;
+        b->kv_rows_cap = (int64_t)(o->kv_budget_bytes / row);
+        if (b->kv_rows_cap < 1) {
+            pthread_mutex_destroy(&b->lock);
+            twn_free(b);
+            return twn_err_set(err,
+                               "KV budget of %zu bytes holds no row (%zu bytes of fp32 K and V "
+                               "per row over %d layers)",
+                               o->kv_budget_bytes, row, lm->L);
+        }
+        size_t k = strlen(b->desc) - 1; /* before the closing parenthesis */
+        snprintf(b->desc + k, sizeof b->desc - k, "; KV budget %lld rows)",
+                 (long long)b->kv_rows_cap);
+    }
     *out = b;
+    return 0;
+}
+
+/* cpu KV budget: takes `rows` more for kv, or fails like the cuda pool does. */
+static int cpu_kv_take(twn_backend *b, twn_bkv *kv, int64_t rows, int64_t total, twn_err *err) {
+    if (!b->kv_rows_cap || rows <= 0) return 0;
+    pthread_mutex_lock(&b->lock);
+    int64_t left = b->kv_rows_cap - b->kv_rows_used;
+    if (rows > left) {
+        pthread_mutex_unlock(&b->lock);
+        return twn_err_set(err,
+                           "KV budget exhausted: a sequence needs %lld more row(s) (%lld in all), "
+                           "%lld of %lld rows are free; raise the KV budget or lower max_active",
+                           (long long)rows, (long long)total, (long long)left,
+                           (long long)b->kv_rows_cap);
+    }
+    b->kv_rows_used += rows;
+    kv->held += rows;
+    pthread_mutex_unlock(&b->lock);
     return 0;
 }
 
 void twn_backend_close(twn_backend *b) {
     if (!b) return;
     if (b->ctx) b->mod->destroy(b->ctx);
+    pthread_mutex_destroy(&b->lock);
     twn_free(b);
 }
 
@@ -242,11 +288,18 @@ const char *twn_backend_describe(const twn_backend *b) {
 int twn_backend_kv_open(twn_backend *b, int reserve, twn_bkv **out, twn_err *err) {
     twn_bkv *kv = twn_calloc(1, sizeof *kv);
     if (b->kind == TWN_BACKEND_CUDA) {
-        if (b->mod->kv_open(b->ctx, reserve, &kv->dev, err)) {
+        pthread_mutex_lock(&b->lock);
+        int rc = b->mod->kv_open(b->ctx, reserve, &kv->dev, err);
+        pthread_mutex_unlock(&b->lock);
+        if (rc) {
             twn_free(kv);
             return -1;
         }
     } else {
+        if (cpu_kv_take(b, kv, reserve, reserve, err)) {
+            twn_free(kv);
+            return -1;
+        }
         twn_kv_init(&kv->cpu, b->lm);
         if (reserve > 0) twn_kv_reserve(&kv->cpu, reserve);
     }
@@ -256,10 +309,18 @@ int twn_backend_kv_open(twn_backend *b, int reserve, twn_bkv **out, twn_err *err
 
 void twn_backend_kv_close(twn_backend *b, twn_bkv *kv) {
     if (!kv) return;
-    if (b->kind == TWN_BACKEND_CUDA)
+    if (b->kind == TWN_BACKEND_CUDA) {
+        pthread_mutex_lock(&b->lock);
         b->mod->kv_close(b->ctx, kv->dev);
-    else
+        pthread_mutex_unlock(&b->lock);
+    } else {
+        if (kv->held) {
+            pthread_mutex_lock(&b->lock);
+            b->kv_rows_used -= kv->held;
+            pthread_mutex_unlock(&b->lock);
+        }
         twn_kv_free(&kv->cpu);
+    }
     twn_free(kv);
 }
 
@@ -275,7 +336,13 @@ int twn_backend_kv_len(const twn_backend *b, const twn_bkv *kv) {
 }
 
 int64_t twn_backend_kv_rows_free(const twn_backend *b) {
-    return b->kind == TWN_BACKEND_CUDA ? b->mod->kv_rows_free(b->ctx) : INT64_MAX;
+    if (b->kind != TWN_BACKEND_CUDA && !b->kv_rows_cap) return INT64_MAX;
+    pthread_mutex_t *lk = (pthread_mutex_t *)&b->lock; /* the count, not the backend, changes */
+    pthread_mutex_lock(lk);
+    int64_t n = b->kind == TWN_BACKEND_CUDA ? b->mod->kv_rows_free(b->ctx)
+                                            : b->kv_rows_cap - b->kv_rows_used;
+    pthread_mutex_unlock(lk);
+    return n;
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -298,7 +365,9 @@ static int forward_cuda(twn_backend *b, twn_bseq *seqs, int n, twn_err *err) {
                                .pooled = q->pooled,
                                .deepstack = q->deepstack};
     }
+    pthread_mutex_lock(&b->lock);
     int rc = b->mod->forward(b->ctx, cs, n, err);
+    pthread_mutex_unlock(&b->lock);
     twn_free(cs);
     return rc;
 }
@@ -319,6 +388,10 @@ static int forward_cpu(twn_backend *b, twn_bseq *seqs, int n, twn_err *err) {
             twn_err_set(err, "sequence %d: pooling %d row(s) of a step of %d", s, q->pool_rows,
                         q->n);
             goto out;
+        }
+        if (q->n && b->kv_rows_cap) { /* a step may grow a cache past its reservation */
+            const int64_t total = (int64_t)q->kv->cpu.len + q->n;
+            if (cpu_kv_take(b, q->kv, total - q->kv->held, total, err)) goto out;
         }
         ls[s] = (twn_lm_seq){.kv = q->kv ? &q->kv->cpu : NULL,
                              .n = q->n,
@@ -345,7 +418,9 @@ static int forward_cpu(twn_backend *b, twn_bseq *seqs, int n, twn_err *err) {
                 if (lg[i] > lg[best]) best = i;
             *q->argmax = best;
         }
-        if (q->pooled) { /* the scheduler's query_mean order: rows summed in order, then / n */
+        if (q->pooled && q->pool_rows == 1) /* last_token: the row itself (keeps -0.0f) */
+            memcpy(q->pooled, ls[s].hidden + (size_t)(q->n - 1) * H, sizeof(float) * (size_t)H);
+        else if (q->pooled) { /* query_mean: rows summed in order from 0, then / n */
             const float *h = ls[s].hidden + (size_t)(q->n - q->pool_rows) * H;
             memset(q->pooled, 0, sizeof(float) * (size_t)H);
             for (int r = 0; r < q->pool_rows; r++)

@@ -31,8 +31,9 @@ typedef struct {
     twn_backend_kind kind;
     const char *cuda_module; /* path of libtwn_cuda.so; NULL: search (above) */
     int device;              /* CUDA device ordinal */
-    size_t kv_budget_bytes;  /* CUDA paged-KV pool; 0: 80% of the device memory the weights
-                                leave, minus 1 GiB for activations */
+    size_t kv_budget_bytes;  /* KV memory: cuda, the paged pool (0: 80% of the device memory
+                                the weights leave, minus 1 GiB for activations); cpu, rows of
+                                fp32 K and V handed out the same way (0: unbounded) */
     int kv_page_rows;        /* rows per KV page; 0: 16 */
     bool cuda_graphs;        /* replay decode-only steps from CUDA graphs (default true) */
 } twn_backend_opts;
@@ -49,8 +50,11 @@ typedef struct twn_bkv twn_bkv; /* one sequence's KV cache, owned by its backend
  * reductions that save copying big rows back from a device:
  *   argmax: out, the index of the largest logit of the last row (lowest index on ties); the
  *           logits themselves are copied only where `logits` is set;
- *   pooled: out [H], the mean of the last pool_rows final-norm hidden rows (1 <= pool_rows <= n).
- */
+ *   pooled: out [H], the mean of the last pool_rows final-norm hidden rows (1 <= pool_rows <= n):
+ *           rows summed in order, then divided by pool_rows (engine/twn.c's query_mean, bit for
+ *           bit on cpu); pool_rows 1 is the last row itself (last_token pooling).
+ * Threads: a cpu backend may run steps from several threads at once (twn_lm_forward only reads
+ * the model); a cuda backend serializes its calls (one stream and one KV pool per context). */
 typedef struct {
     twn_bkv *kv;
     int n;
@@ -77,14 +81,15 @@ twn_backend_kind twn_backend_which(const twn_backend *b);
 const char *twn_backend_describe(const twn_backend *b);
 
 /* A KV cache with room for `reserve` rows (the scheduler reserves prompt + max_think_tokens).
- * On cuda the rows come from the paged pool and opening fails when it is exhausted: check
- * twn_backend_kv_rows_free first to defer a sequence instead. */
+ * On cuda the rows come from the paged pool, on cpu from kv_budget_bytes when set; opening (or a
+ * step that grows a cache past its rows) fails when they are exhausted, and the scheduler then
+ * defers the sequence (twn.h). */
 int twn_backend_kv_open(twn_backend *b, int reserve, twn_bkv **out, twn_err *err);
 void twn_backend_kv_close(twn_backend *b, twn_bkv *kv);
 /* Forgets everything after the first `len` rows. */
 void twn_backend_kv_truncate(twn_backend *b, twn_bkv *kv, int len);
 int twn_backend_kv_len(const twn_backend *b, const twn_bkv *kv);
-/* Rows the KV pool can still hand out (INT64_MAX on cpu, which grows caches on demand). */
+/* Rows the KV pool can still hand out (INT64_MAX on cpu without a KV budget). */
 int64_t twn_backend_kv_rows_free(const twn_backend *b);
 
 /* One step, twn_lm_forward's semantics (no trace callback: golden traces use the cpu backend). */

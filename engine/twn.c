@@ -199,6 +199,10 @@ int twn_model_load(const char *manifest_path, twn_model **out, twn_err *err) {
             goto fail;
         }
     }
+    twn_backend_opts bo;
+    twn_backend_opts_default(&bo);
+    bo.kind = TWN_BACKEND_CPU;
+    if (twn_backend_open(m->lm, &bo, &m->backend, err)) goto fail;
     *out = m;
     return 0;
 fail:
@@ -209,6 +213,7 @@ fail:
 
 void twn_model_free(twn_model *m) {
     if (!m) return;
+    twn_backend_close(m->backend); /* before the lm it runs on */
     twn_lm_free(m->lm);
     twn_vision_free(m->vision);
     twn_adapter_free(m->embedding);
@@ -221,6 +226,14 @@ void twn_model_free(twn_model *m) {
     }
     twn_manifest_free(&m->man);
     twn_free(m);
+}
+
+int twn_model_set_backend(twn_model *m, const twn_backend_opts *o, twn_err *err) {
+    twn_backend *b = NULL;
+    if (twn_backend_open(m->lm, o, &b, err)) return -1;
+    twn_backend_close(m->backend);
+    m->backend = b;
+    return 0;
 }
 
 int twn_model_dim(const twn_model *m) {
@@ -304,8 +317,7 @@ typedef enum { ST_GATE, ST_GATED, ST_REASON, ST_DECODE, ST_EMBED_COT, ST_DONE } 
 
 typedef struct {
     state st;
-    twn_kv kv;
-    bool kv_live;
+    twn_bkv *kv;       /* the backend's KV cache while a pass runs; NULL between passes */
     twn_ivec ids;      /* the rows this task feeds in its next prefill (queries excluded) */
     int n_queries;     /* query rows appended after ids in that prefill */
     int32_t next;      /* decode: the token to feed */
@@ -314,8 +326,10 @@ typedef struct {
     twn_str gen_bytes; /* raw bytes of the generated tokens, for the stop-string scan */
     float p;           /* p_think */
     bool hard;
-    float *hidden; /* [rows, H] of the last prefill */
-    float *logits; /* [V] */
+    float *hidden;  /* [rows, H] of the last prefill (pooling token:<t> only) */
+    float *pooled;  /* [H] the backend's pooled rows of the last prefill (query_mean, last_token) */
+    float *logits;  /* [V] (sampling only; greedy decoding takes the backend's argmax) */
+    int32_t argmax; /* the last step's greedy token */
     /* images: kept from the vision tower until the item is done (every prefill uses them) */
     int n_img;
     twn_image_patches *patches; /* [n_img], freed once the tower has run */
@@ -328,6 +342,11 @@ typedef struct {
     int32_t *pos;      /* [3][ids.n + n_queries] positions of the next prefill (images only) */
     int32_t *img_rows; /* [n_img_tokens] rows of the image tokens in ids */
 } task;
+
+static void kv_drop(twn_backend *be, task *t) {
+    twn_backend_kv_close(be, t->kv); /* NULL: nothing open */
+    t->kv = NULL;
+}
 
 static void task_drop_vision(task *t) {
     for (int j = 0; t->patches && j < t->n_img; j++) twn_image_patches_free(&t->patches[j]);
@@ -384,27 +403,21 @@ static float gate_prob(const twn_model *m, const float *e0) {
 /* Pools the final-norm hidden rows of a prefill (manifest "pooling") into out[H].  token:<t>
  * pools the last occurrence of <t> among the pass's ids (queries excluded); an item whose ids do
  * not hold it fails (scripts/reference refuses it too) rather than pooling some other row. */
-static int pool(const twn_model *m, const task *t, int rows, float *out, twn_err *e) {
+static int pool(const twn_model *m, const task *t, float *out, twn_err *e) {
     int H = m->lm->H;
     const float *h = t->hidden;
-    if (m->man.pooling == TWN_POOL_QUERY_MEAN) {
-        memset(out, 0, sizeof(float) * (size_t)H);
-        for (int r = rows - m->K; r < rows; r++)
-            for (int i = 0; i < H; i++) out[i] += h[(size_t)r * H + i];
-        for (int i = 0; i < H; i++) out[i] /= (float)m->K;
+    if (m->man.pooling != TWN_POOL_TOKEN) { /* the backend pooled them (pool_rows of the step) */
+        memcpy(out, t->pooled, sizeof(float) * (size_t)H);
         return 0;
     }
-    int row = rows - 1;
-    if (m->man.pooling == TWN_POOL_TOKEN) {
-        row = -1;
-        for (int r = (int)t->ids.n - 1; r >= 0 && row < 0; r--)
-            if (t->ids.v[r] == m->pool_token_id) row = r;
-        if (row < 0)
-            return twn_err_set(e,
-                               "pooling token:%s: the token (id %d) does not occur in the %zu "
-                               "prompt ids",
-                               m->man.pool_token, m->pool_token_id, t->ids.n);
-    }
+    int row = -1;
+    for (int r = (int)t->ids.n - 1; r >= 0 && row < 0; r--)
+        if (t->ids.v[r] == m->pool_token_id) row = r;
+    if (row < 0)
+        return twn_err_set(e,
+                           "pooling token:%s: the token (id %d) does not occur in the %zu prompt "
+                           "ids",
+                           m->man.pool_token, m->pool_token_id, t->ids.n);
     memcpy(out, h + (size_t)row * H, sizeof(float) * (size_t)H);
     return 0;
 }
@@ -667,9 +680,11 @@ static void run_vision(const twn_model *m, task *tasks, int n, const twn_opts *o
 int twn_embed_items(const twn_model *m, const twn_item *items, int n, const twn_opts *o,
                     twn_result *res, twn_err *err) {
     const twn_lm *lm = m->lm;
+    twn_backend *be = m->backend;
     const int H = lm->H;
+    const bool greedy = m->man.temperature <= 0;
     task *tasks = twn_calloc((size_t)(n ? n : 1), sizeof *tasks);
-    twn_lm_seq *seqs = twn_calloc((size_t)(n ? n : 1), sizeof *seqs);
+    twn_bseq *seqs = twn_calloc((size_t)(n ? n : 1), sizeof *seqs);
     twn_lm_deepstack *dss = twn_calloc((size_t)(n ? n : 1), sizeof *dss);
     int *who = twn_calloc((size_t)(n ? n : 1), sizeof *who);
     int rc = -1, done = 0;
@@ -766,7 +781,8 @@ int twn_embed_items(const twn_model *m, const twn_item *items, int n, const twn_
         }
 
         /* Build one step: decodes first (they are one row each and hold KV), then prefills. */
-        int ns = 0, rows = 0, active = 0;
+        int ns = 0, rows = 0, active = 0, kv_wait = -1;
+        twn_err kv_err, kv_e; /* kv_err: why the first deferred sequence (kv_wait) waits */
         for (int i = 0; i < n; i++) active += tasks[i].st == ST_DECODE;
         for (int pass = 0; pass < 2; pass++)
             for (int i = 0; i < n; i++) {
@@ -777,23 +793,29 @@ int twn_embed_items(const twn_model *m, const twn_item *items, int n, const twn_
                 int need = dec ? 1 : (int)t->ids.n + t->n_queries;
                 if (pre && t->st == ST_REASON && active >= o->max_active) continue;
                 if (rows && rows + need > o->max_step_rows) continue;
-                if (pre && t->st == ST_REASON) active++;
-                if (!t->kv_live) {
-                    twn_kv_init(&t->kv, lm);
-                    /* a CoT grows one row per step: reserve its whole length up front */
-                    twn_kv_reserve(&t->kv,
-                                   need + (t->st == ST_REASON ? m->man.max_think_tokens : 0));
-                    t->kv_live = true;
+                /* a CoT grows one row per step: reserve its whole length up front.  A pool
+                 * that cannot supply it now (cuda) defers the sequence to a later step. */
+                if (!t->kv && twn_backend_kv_open(
+                                  be, need + (t->st == ST_REASON ? m->man.max_think_tokens : 0),
+                                  &t->kv, &kv_e)) {
+                    t->kv = NULL;
+                    if (kv_wait < 0) kv_wait = i, kv_err = kv_e;
+                    continue;
                 }
-                twn_lm_seq *s = &seqs[ns];
+                if (pre && t->st == ST_REASON) active++;
+                twn_bseq *s = &seqs[ns];
                 memset(s, 0, sizeof *s);
-                s->kv = &t->kv;
+                s->kv = t->kv;
                 if (dec) {
                     s->n = 1;
                     s->ids = &t->next;
                     s->adapter = m->rsn_idx;
-                    if (!t->logits) t->logits = twn_malloc(sizeof(float) * (size_t)lm->V);
-                    s->logits = t->logits;
+                    if (greedy)
+                        s->argmax = &t->argmax;
+                    else {
+                        if (!t->logits) t->logits = twn_malloc(sizeof(float) * (size_t)lm->V);
+                        s->logits = t->logits;
+                    }
                 } else {
                     s->n = need;
                     /* ids followed by K query rows (TWN_TOKEN_EMBED); image rows are also
@@ -820,23 +842,36 @@ int twn_embed_items(const twn_model *m, const twn_item *items, int n, const twn_
                         s->deepstack = &dss[ns];
                     }
                     s->adapter = t->st == ST_REASON ? m->rsn_idx : m->emb_idx;
-                    if (t->st == ST_REASON) {
+                    if (t->st == ST_REASON && greedy)
+                        s->argmax = &t->argmax;
+                    else if (t->st == ST_REASON) {
                         if (!t->logits) t->logits = twn_malloc(sizeof(float) * (size_t)lm->V);
                         s->logits = t->logits;
-                    } else {
+                    } else if (m->man.pooling == TWN_POOL_TOKEN) {
                         twn_free(t->hidden);
                         t->hidden = twn_malloc(sizeof(float) * (size_t)need * H);
                         s->hidden = t->hidden;
+                    } else { /* query_mean: the K query rows; last_token: the last row */
+                        if (!t->pooled) t->pooled = twn_malloc(sizeof(float) * (size_t)H);
+                        s->pooled = t->pooled;
+                        s->pool_rows = m->man.pooling == TWN_POOL_QUERY_MEAN ? m->K : 1;
                     }
                 }
                 who[ns++] = i;
                 rows += need;
             }
+        if (!ns && kv_wait >= 0) {
+            /* nothing of this call holds KV rows (decodes always run), so waiting cannot help:
+             * this sequence does not fit the pool (or other callers hold it) */
+            fail_item(&res[kv_wait], &tasks[kv_wait], "KV cache", &kv_err);
+            done++;
+            continue;
+        }
         if (!ns) {
             twn_err_set(err, "scheduler made no progress (%d of %d items done)", done, n);
             goto out;
         }
-        int frc = twn_lm_forward(lm, seqs, ns, NULL, NULL, &e);
+        int frc = twn_backend_forward(be, seqs, ns, &e);
         for (int s = 0; s < ns; s++) {
             task *t = &tasks[who[s]];
             if (t->st != ST_DECODE) {
@@ -858,17 +893,14 @@ int twn_embed_items(const twn_model *m, const twn_item *items, int n, const twn_
             switch (t->st) {
             case ST_GATE: {
                 r->embedding = twn_malloc(sizeof(float) * (size_t)H);
-                if (pool(m, t, seqs[s].n, r->embedding, &e)) {
-                    twn_kv_free(&t->kv);
-                    t->kv_live = false;
+                kv_drop(be, t);
+                if (pool(m, t, r->embedding, &e)) {
                     fail_item(r, t, "pooling the gate pass", &e);
                     done++;
                     break;
                 }
                 if (o->mode != TWN_MODE_NEVER) t->p = r->p_think = gate_prob(m, r->embedding);
                 if (m->man.normalize) twn_cpu_l2_normalize(r->embedding, H, 1e-12f);
-                twn_kv_free(&t->kv);
-                t->kv_live = false;
                 if (o->mode == TWN_MODE_NEVER) {
                     t->st = ST_DONE;
                     done++;
@@ -878,10 +910,9 @@ int twn_embed_items(const twn_model *m, const twn_item *items, int n, const twn_
             }
             case ST_REASON:
             case ST_DECODE: {
-                int32_t tok = pick(m, t->logits, lm->V, &rng);
+                int32_t tok = greedy ? t->argmax : pick(m, t->logits, lm->V, &rng);
                 if (m->man.max_think_tokens == 0 || cot_step(m, t, tok, r)) {
-                    twn_kv_free(&t->kv);
-                    t->kv_live = false;
+                    kv_drop(be, t);
                     t->n_queries = m->K;
                     if (prepare_embed_cot(m, &items[i], t, &e) || prepare_rows(m, t, &e)) {
                         fail_item(r, t, "tokenizing the embedding prompt", &e);
@@ -896,16 +927,13 @@ int twn_embed_items(const twn_model *m, const twn_item *items, int n, const twn_
                 break;
             }
             case ST_EMBED_COT: {
-                if (pool(m, t, seqs[s].n, r->embedding, &e)) {
-                    twn_kv_free(&t->kv);
-                    t->kv_live = false;
+                kv_drop(be, t);
+                if (pool(m, t, r->embedding, &e)) {
                     fail_item(r, t, "pooling the embedding pass", &e);
                     done++;
                     break;
                 }
                 if (m->man.normalize) twn_cpu_l2_normalize(r->embedding, H, 1e-12f);
-                twn_kv_free(&t->kv);
-                t->kv_live = false;
                 r->n_cot = (int)t->cot.n;
                 r->cot_ids = twn_malloc(sizeof(int32_t) * (t->cot.n + 1));
                 memcpy(r->cot_ids, t->cot.v, sizeof(int32_t) * t->cot.n);
@@ -927,12 +955,13 @@ int twn_embed_items(const twn_model *m, const twn_item *items, int n, const twn_
 out:
     for (int i = 0; i < n; i++) {
         task *t = &tasks[i];
-        if (t->kv_live) twn_kv_free(&t->kv);
+        kv_drop(be, t);
         twn_ivec_free(&t->ids);
         twn_ivec_free(&t->cot);
         twn_ivec_free(&t->starts);
         twn_str_free(&t->gen_bytes);
         twn_free(t->hidden);
+        twn_free(t->pooled);
         twn_free(t->logits);
         task_drop_vision(t);
         if (rc == 0 && res[i].error) {

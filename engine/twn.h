@@ -12,6 +12,16 @@
  * pass) get 3-stream M-RoPE positions (mrope.h) and the DeepStack features at the image rows;
  * CoT decode steps continue from max position + 1 and get no features.
  *
+ * Backends: every decoder step goes through the model's twn_backend (backend.h): cpu (the
+ * default twn_model_load opens, engine/lm.c, bit-identical to calling twn_lm_forward) or cuda
+ * (twn_model_set_backend).  The scheduler asks the backend for the two reductions it needs
+ * instead of whole rows: the argmax of a greedy decode's logits and the query_mean / last_token
+ * pooled vector, so a GPU copies back one int or one [H] row per sequence.  KV caches are the
+ * backend's (a paged pool on cuda; a row budget on cpu when kv_budget_bytes is set): a sequence
+ * whose KV reservation (prompt + max_think_tokens) cannot be supplied waits for rows to be
+ * returned; when nothing else of the call holds any, the item fails with the pool's message.
+ * The vision tower and the gate MLP run on the CPU.
+ *
  * Per-item failures (an over-long prompt, text the tokenizer refuses, an image that cannot be
  * read) are reported in that item's result and do not stop the others. */
 #ifndef TWN_ENGINE_TWN_H
@@ -21,6 +31,7 @@
 #include <stdint.h>
 
 #include "engine/adapter.h"
+#include "engine/backend.h"
 #include "engine/image.h"
 #include "engine/lm.h"
 #include "engine/manifest.h"
@@ -49,6 +60,7 @@ typedef struct {
     twn_vision *vision;         /* the base's vision tower; NULL for a text-only base */
     twn_image_config image_cfg; /* base/preprocessor_config.json (defaults when absent) */
     int32_t image_token_id;     /* <|image_pad|> (config.json image_token_id) */
+    twn_backend *backend;       /* runs the decoder steps; cpu after twn_model_load */
 } twn_model;
 
 typedef enum { TWN_MODE_ADAPTIVE, TWN_MODE_NEVER, TWN_MODE_ALWAYS, TWN_MODE_BUDGET } twn_mode;
@@ -101,8 +113,14 @@ typedef struct {
     char *error; /* why the item failed, or NULL */
 } twn_result;
 
+/* Loads a TWN checkpoint; its decoder runs on the cpu backend until twn_model_set_backend. */
 int twn_model_load(const char *manifest_path, twn_model **out, twn_err *err);
 void twn_model_free(twn_model *m);
+/* Replaces the model's backend with one opened under o (backend.h: kind cpu, cuda or auto; auto
+ * falls back to cpu and says why in twn_backend_describe(m->backend)).  On failure (kind cuda
+ * without a usable GPU: the message names the missing module, driver or device) the model keeps
+ * its current backend.  Not while a twn_embed_items call on m is running. */
+int twn_model_set_backend(twn_model *m, const twn_backend_opts *o, twn_err *err);
 int twn_model_dim(const twn_model *m);
 
 /* Fills res[0..n) (zero them first or reuse after twn_result_free).  Returns -1 only for failures

@@ -9,6 +9,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 
 #include "util/hash.h"
 
@@ -26,6 +27,14 @@ static inline float twn_null_p_think(const char *id) {
 
 static inline uint32_t twn_null_think_tokens(const char *id) {
     return 1u + (uint32_t)((twn_null_hash(id) >> 40) % 8);
+}
+
+/* Pretends n items took item_us microseconds each (job.null_item_us), like an engine would. */
+static inline void twn_null_pace(int item_us, int n) {
+    if (item_us <= 0 || n <= 0) return;
+    long long ns = (long long)item_us * 1000 * n;
+    struct timespec ts = {(time_t)(ns / 1000000000), (long)(ns % 1000000000)};
+    nanosleep(&ts, NULL);
 }
 
 /* dim floats, L2-normalized, a function of the id only (splitmix64 stream seeded by its hash). */

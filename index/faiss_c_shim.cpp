@@ -8,6 +8,7 @@
 #include "index/faiss_c_shim.h"
 
 #include <cstring>
+#include <omp.h>
 #include <exception>
 #include <string>
 
@@ -103,6 +104,10 @@ faiss::Index *unwrap_one(faiss::Index *index) {
 } // namespace
 
 extern "C" {
+
+void twn_faiss_thread_threads(int n) {
+    omp_set_num_threads(n > 0 ? n : 1);
+}
 
 int twn_faiss_set_polysemous_training(FaissIndex *index, int on) {
     int changed = 0;

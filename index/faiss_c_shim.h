@@ -62,6 +62,12 @@ int twn_faiss_set_polysemous_training(FaissIndex *index, int on);
  * benchmarks' memory tables.  Returns 0 or a negative FaissErrorCode. */
 int twn_faiss_serialized_size(const FaissIndex *index, size_t *bytes);
 
+/* OpenMP threads FAISS uses for calls made from the CALLING thread only (omp_set_num_threads
+ * changes that thread's ICV).  The indexer sets 1: in `twn run` its shards share the cores with
+ * the engine, and FAISS' parallel loops (k-means in IVF/PQ training, Flat search) would spin
+ * OpenMP teams against it; a shard is one of several, so parallelism comes from shards. */
+void twn_faiss_thread_threads(int n);
+
 #ifdef __cplusplus
 }
 #endif

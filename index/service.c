@@ -1,10 +1,15 @@
 /* service.c — the indexer loop (service.h). */
 #include "index/service.h"
 
+#include <math.h>
+#include <stdio.h>
 #include <string.h>
+#include <time.h>
 #include <zmq.h>
 
+#include "common/metrics.h"
 #include "common/transport.h"
+#include "index/faiss_c_shim.h"
 #include "index/shard.h"
 #include "util/clock.h"
 #include "util/log.h"
@@ -15,6 +20,7 @@ void twn_indexer_cfg_default(twn_indexer_cfg *c) {
     c->factory = "Flat";
     c->commit_ms = 5;
     c->n_shards = 1;
+    c->credits = 4;
 }
 
 typedef struct pend {
@@ -26,10 +32,15 @@ typedef struct pend {
 typedef struct ixr {
     const twn_indexer_cfg *cfg;
     void *dealer, *pull;
+    twn_zap *zap; /* the context's ZAP handler while the PULL is CURVE (common/curve.h) */
     twn_shard *s;
     twn_frame_opts fo;
     pend *p;
     size_t n, cap;
+    int stalled;            /* test_stall_ms done */
+    twn_histogram *m_fsync; /* the indexer block of common/metrics.h */
+    twn_counter *m_added, *m_rejected;
+    twn_gauge *m_pending;
 } ixr;
 
 static int send(ixr *x, Twn__Envelope *env, twn_err *err) {
@@ -58,6 +69,7 @@ static int reject_batch(ixr *x, const Twn__EmbeddingBatch *b, const char *why, t
     Twn__Envelope env = TWN__ENVELOPE__INIT;
     env.body_case = TWN__ENVELOPE__BODY_REJECTS;
     env.rejects = &rs;
+    twn_counter_add(x->m_rejected, n);
     int rc = n ? send(x, &env, err) : 0;
     twn_free(r);
     twn_free(rp);
@@ -67,6 +79,12 @@ static int reject_batch(ixr *x, const Twn__EmbeddingBatch *b, const char *why, t
 
 static int on_batch(ixr *x, const Twn__EmbeddingBatch *b, twn_err *err) {
     twn_err e;
+    double delay_ms = x->cfg->test_batch_delay_ms;
+    if (x->cfg->test_stall_ms > 0 && !x->stalled++) delay_ms += x->cfg->test_stall_ms;
+    if (delay_ms > 0) {
+        struct timespec ts = {(time_t)(delay_ms / 1000.0), (long)(fmod(delay_ms, 1000.0) * 1e6)};
+        nanosleep(&ts, NULL);
+    }
     if (twn_batch_check(b, &e) || (int)b->dim != x->cfg->dim) {
         if (!e.msg[0] || (int)b->dim != x->cfg->dim)
             twn_err_set(&e, "shard %d: batch %llu from %s has dim %u, expected %d", x->cfg->shard,
@@ -101,6 +119,8 @@ static int on_batch(ixr *x, const Twn__EmbeddingBatch *b, twn_err *err) {
                                   ei->route == TWN__ROUTE__ROUTE_HARD ? TWN__ROUTE__ROUTE_HARD
                                                                       : TWN__ROUTE__ROUTE_EASY};
         }
+        twn_counter_add(x->m_added, n);
+        twn_gauge_set(x->m_pending, (double)x->n);
     }
     twn_free(v);
     twn_free(it);
@@ -112,7 +132,9 @@ static int on_batch(ixr *x, const Twn__EmbeddingBatch *b, twn_err *err) {
 static int commit_ack(ixr *x, twn_err *err) {
     if (!x->n) return 0;
     uint64_t durable = 0;
+    double t_commit = twn_now();
     if (twn_shard_commit(x->s, &durable, err)) return -1;
+    twn_histogram_observe(x->m_fsync, twn_now() - t_commit);
     Twn__AckRange *r = twn_calloc(x->n, sizeof *r);
     Twn__AckRange **rp = twn_calloc(x->n, sizeof *rp);
     size_t nr = 0, keep = 0;
@@ -138,6 +160,7 @@ static int commit_ack(ixr *x, twn_err *err) {
         nr++;
     }
     x->n = keep;
+    twn_gauge_set(x->m_pending, (double)keep);
     int rc = 0;
     if (nr) {
         Twn__Ack a = TWN__ACK__INIT;
@@ -155,10 +178,27 @@ static int commit_ack(ixr *x, twn_err *err) {
     return rc;
 }
 
+static void ixr_metrics(ixr *x) {
+    twn_metrics *m = twn_metrics_default();
+    char l[32];
+    snprintf(l, sizeof l, "shard=%d", x->cfg->shard);
+    x->m_fsync = twn_metrics_histogram(m, "twn_wal_fsync_seconds",
+                                       "Seconds per group commit (WAL write + fsync), by shard.", l,
+                                       TWN_BUCKETS(twn_buckets_seconds), NULL);
+    x->m_added = twn_metrics_counter(m, "twn_index_vectors_added_total",
+                                     "Vectors appended to the shard.", l, NULL);
+    x->m_rejected = twn_metrics_counter(m, "twn_index_rejected_items_total",
+                                        "Items of embedding batches the shard refused.", l, NULL);
+    x->m_pending = twn_metrics_gauge(m, "twn_index_pending_acks",
+                                     "Vectors added but not yet durable and acked.", l, NULL);
+}
+
 int twn_indexer_run(const twn_indexer_cfg *cfg, twn_err *err) {
     ixr x = {0};
     x.cfg = cfg;
+    ixr_metrics(&x);
     x.fo = twn_frame_opts_default();
+    if (cfg->max_message_bytes) x.fo.max_size = cfg->max_message_bytes;
     int rc = -1;
     twn_shard_opts so = {0};
     so.dim = cfg->dim;
@@ -167,15 +207,22 @@ int twn_indexer_run(const twn_indexer_cfg *cfg, twn_err *err) {
     so.model_hash = cfg->model_hash;
     so.shard = cfg->shard;
     so.n_shards = cfg->n_shards;
+    if (cfg->faiss_threads > 0) twn_faiss_thread_threads(cfg->faiss_threads);
     if (twn_shard_open(cfg->dir, &so, &x.s, NULL, err)) return -1;
     twn_sock_opts o = twn_sock_opts_default();
     o.linger_ms = 0;
+    o.max_msg_bytes = twn_wire_limit(&x.fo);
+    o.rcvhwm = cfg->credits > 0 ? cfg->credits : 4;
     if (!(x.pull = twn_sock_new(cfg->zctx, ZMQ_PULL, &o, err)) ||
-        twn_sock_bind(x.pull, cfg->endpoint, NULL, 0, err))
+        twn_curve_server(cfg->zctx, x.pull, cfg->bind ? cfg->bind : cfg->endpoint, cfg->curve,
+                         &x.zap, err) ||
+        twn_sock_bind(x.pull, cfg->bind ? cfg->bind : cfg->endpoint, NULL, 0, err))
         goto out;
     o.routing_id = cfg->id;
     o.sndtimeo_ms = -1;
     if (!(x.dealer = twn_sock_new(cfg->zctx, ZMQ_DEALER, &o, err)) ||
+        twn_curve_client(x.dealer, cfg->control, cfg->curve, err) ||
+        twn_curve_watch(cfg->zctx, x.dealer, cfg->control, cfg->curve, err) ||
         twn_sock_connect(x.dealer, cfg->control, err))
         goto out;
     Twn__Hello h = TWN__HELLO__INIT;
@@ -192,10 +239,23 @@ int twn_indexer_run(const twn_indexer_cfg *cfg, twn_err *err) {
     twn_beat beat;
     twn_beat_init(&beat, 1.0, twn_now());
     uint64_t hb_seq = 0;
-    double last_commit = twn_now();
+    double last_commit = twn_now(), t_hello = last_commit, last_hello = last_commit;
+    int welcomed = 0;
     for (;;) {
         if (cfg->stop && *cfg->stop) {
             twn_err_set(err, "%s: stopped", cfg->id);
+            goto out;
+        }
+        if (!welcomed && twn_curve_refused(x.dealer, err)) { /* our CURVE key is not listed */
+            twn_err_wrap(err, "%s", cfg->id);
+            goto out;
+        }
+        if (!welcomed && cfg->connect_timeout_s > 0 &&
+            twn_now() - t_hello > cfg->connect_timeout_s) {
+            twn_err_set(err,
+                        "%s: no Welcome from the coordinator at %s within %.0f ms (the job is "
+                        "over, or the coordinator is not running)",
+                        cfg->id, cfg->control, cfg->connect_timeout_s * 1000.0);
             goto out;
         }
         zmq_pollitem_t pi[2] = {{x.pull, 0, ZMQ_POLLIN, 0}, {x.dealer, 0, ZMQ_POLLIN, 0}};
@@ -236,6 +296,20 @@ int twn_indexer_run(const twn_indexer_cfg *cfg, twn_err *err) {
             goto out;
         }
         if (s != TWN_RECV_MSG) continue;
+        if (m->body_case == TWN__ENVELOPE__BODY_WELCOME && !m->welcome->accepted) {
+            /* The coordinator does not know us (it was restarted and our DEALER reconnected by
+             * itself): Hello again, once per heartbeat interval, so it can send our Shutdown. */
+            twn_msg_free(m);
+            if (twn_now() - last_hello > beat.interval_s) {
+                last_hello = twn_now();
+                if (send(&x, &env, err)) goto out;
+            }
+            continue;
+        }
+        if (m->body_case == TWN__ENVELOPE__BODY_WELCOME && !welcomed) {
+            welcomed = 1;
+            twn_curve_unwatch(x.dealer);
+        }
         if (m->body_case == TWN__ENVELOPE__BODY_WELCOME && m->welcome->heartbeat_ms)
             twn_beat_init(&beat, m->welcome->heartbeat_ms / 1000.0, twn_now());
         int stop = m->body_case == TWN__ENVELOPE__BODY_SHUTDOWN;
@@ -244,6 +318,26 @@ int twn_indexer_run(const twn_indexer_cfg *cfg, twn_err *err) {
     }
     if (commit_ack(&x, err)) goto out;
     if (twn_shard_finish(x.s, NULL, err)) goto out;
+    {
+        /* Answer the Shutdown once the snapshot is durable, so the coordinator's end (it waits
+         * for every answer, a bounded time) means the shard outputs are complete; an indexer
+         * killed while finishing never answers, and its restart (with a coordinator still
+         * waiting, or re-run) finishes from the WAL.  Linger: the answer must leave before the
+         * socket closes. */
+        Twn__Shutdown sd = TWN__SHUTDOWN__INIT;
+        sd.reason = (char *)"shutdown";
+        Twn__Envelope be = TWN__ENVELOPE__INIT;
+        be.body_case = TWN__ENVELOPE__BODY_SHUTDOWN;
+        be.shutdown = &sd;
+        twn_err e2;
+        /* The DEALER blocks forever by default (acks must not be dropped), but a coordinator
+         * that has already gone (an inproc:// one that exited leaves no pipe to queue on) must
+         * not hold the indexer here: the goodbye gets one second. */
+        int linger = 1000, sndtimeo = 1000;
+        zmq_setsockopt(x.dealer, ZMQ_LINGER, &linger, sizeof linger);
+        zmq_setsockopt(x.dealer, ZMQ_SNDTIMEO, &sndtimeo, sizeof sndtimeo);
+        if (send(&x, &be, &e2)) twn_log(TWN_LOG_DEBUG, "%s: goodbye not sent: %s", cfg->id, e2.msg);
+    }
     rc = 0;
 out:
     if (x.s) {
@@ -251,6 +345,7 @@ out:
         twn_shard_close(x.s, rc ? &e2 : err);
     }
     if (x.pull) twn_sock_close(x.pull);
+    twn_zap_release(x.zap); /* after the PULL: no handshake may find the handler gone */
     if (x.dealer) twn_sock_close(x.dealer);
     twn_free(x.p);
     return rc;

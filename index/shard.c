@@ -198,7 +198,22 @@ static int apply_batch(twn_shard *s, const twn_index_item *items, const int64_t 
             }
         }
     }
-    if (!rc && nt) {
+    /* The usual batch (new ids, vectors contiguous in the caller's buffer) goes to FAISS as it
+     * is; otherwise the touched rows' latest vectors are gathered into addbuf. */
+    int contiguous = !rc && nt;
+    for (size_t j = 1; j < nt && contiguous; j++)
+        contiguous = last[j]->vec == last[0]->vec + j * (size_t)s->o.dim;
+    if (contiguous) {
+        idx_t *ids = twn_malloc(nt * sizeof *ids);
+        for (size_t j = 0; j < nt; j++) {
+            twn_store_row r;
+            twn_store_get(s->st, touched[j], &r);
+            ids[j] = r.faiss_id;
+        }
+        if (faiss_Index_add_with_ids(s->index, (idx_t)nt, last[0]->vec, ids) != 0)
+            rc = twn_err_set(err, "adding %zu vectors to the index: %s", nt, twn_faiss_error());
+        twn_free(ids);
+    } else if (!rc && nt) {
         int dim = s->o.dim;
         if (s->addbuf_cap < nt * (size_t)dim) {
             twn_free(s->addbuf);

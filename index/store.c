@@ -176,6 +176,21 @@ void twn_i64map_free(twn_i64map *m) {
 // ------------------------------------------------------------------------------------------------
 // The store
 
+/* A row index: open addressing (linear probing, load <= 3/4) whose 8-byte slots hold
+ * (tag << ROW_BITS) | (row + 1), 0 = empty, tag = the top 24 bits of the key's hash.  The key
+ * itself is read from the row (the id in the arena, the FAISS id in fid[]), so it is not stored a
+ * second time, and the tag settles almost every mismatch without touching the row.  The id index
+ * used to be a twn_strmap (32-byte slots at load <= 1/2 plus a heap copy of every id) and the FAISS
+ * id index a twn_i64map (16-byte slots at load <= 1/2): ~190 bytes per item between them, against
+ * 11-21 here (BENCHMARKS.md, "Control plane at scale"). */
+#define ROW_BITS 40
+#define ROW_MAX  ((int64_t)((1ull << ROW_BITS) - 2))
+
+typedef struct {
+    uint64_t *slots;
+    size_t cap, n; /* cap: 0 or a power of two */
+} rowidx;
+
 struct twn_store {
     int dim;
     int64_t n, cap;
@@ -188,14 +203,54 @@ struct twn_store {
     float *p_think;
     uint32_t *think;
     uint16_t *vec;
-    twn_strmap *by_id;
-    twn_i64map by_fid;
+    rowidx by_id;  /* hash: twn_hash64(id) */
+    rowidx by_fid; /* hash: fid_hash(fid) */
 };
+
+static uint64_t fid_hash(int64_t fid) {
+    uint64_t x = (uint64_t)fid;
+    x ^= x >> 30;
+    x *= 0xbf58476d1ce4e5b9ull;
+    x ^= x >> 27;
+    x *= 0x94d049bb133111ebull;
+    x ^= x >> 31;
+    return x;
+}
+
+static uint64_t row_hash_id(const twn_store *s, int64_t row) {
+    return twn_hash64(s->arena + s->id_off[row], s->id_len[row]);
+}
+
+static uint64_t row_hash_fid(const twn_store *s, int64_t row) {
+    return fid_hash(s->fid[row]);
+}
+
+/* Inserts row (not present; the caller checked) under hash h. */
+static void rowidx_put(const twn_store *s, rowidx *x, uint64_t h, int64_t row,
+                       uint64_t (*rehash)(const twn_store *, int64_t)) {
+    if (4 * (x->n + 1) > 3 * x->cap) {
+        size_t ncap = x->cap ? 2 * x->cap : 1024;
+        uint64_t *ns = twn_calloc(ncap, sizeof *ns);
+        for (size_t i = 0; i < x->cap; i++) {
+            uint64_t v = x->slots[i];
+            if (!v) continue;
+            size_t j = (size_t)rehash(s, (int64_t)(v & ((1ull << ROW_BITS) - 1)) - 1) & (ncap - 1);
+            while (ns[j]) j = (j + 1) & (ncap - 1);
+            ns[j] = v;
+        }
+        twn_free(x->slots);
+        x->slots = ns;
+        x->cap = ncap;
+    }
+    size_t j = (size_t)h & (x->cap - 1);
+    while (x->slots[j]) j = (j + 1) & (x->cap - 1);
+    x->slots[j] = (h >> ROW_BITS << ROW_BITS) | (uint64_t)(row + 1);
+    x->n++;
+}
 
 twn_store *twn_store_new(int dim) {
     twn_store *s = twn_calloc(1, sizeof *s);
     s->dim = dim;
-    s->by_id = twn_strmap_new(1024);
     return s;
 }
 
@@ -209,8 +264,8 @@ void twn_store_free(twn_store *s) {
     twn_free(s->p_think);
     twn_free(s->think);
     free(s->vec);
-    twn_strmap_free(s->by_id);
-    twn_i64map_free(&s->by_fid);
+    twn_free(s->by_id.slots);
+    twn_free(s->by_fid.slots);
     twn_free(s);
 }
 
@@ -225,12 +280,29 @@ const uint16_t *twn_store_vectors(const twn_store *s) {
 }
 
 int64_t twn_store_find_id(const twn_store *s, const char *id, size_t len) {
-    int64_t row;
-    return twn_strmap_get(s->by_id, id, len, &row) ? row : -1;
+    const rowidx *x = &s->by_id;
+    if (!x->cap) return -1;
+    uint64_t h = twn_hash64(id, len), tag = h >> ROW_BITS;
+    for (size_t j = (size_t)h & (x->cap - 1); x->slots[j]; j = (j + 1) & (x->cap - 1)) {
+        uint64_t v = x->slots[j];
+        if (v >> ROW_BITS != tag) continue;
+        int64_t row = (int64_t)(v & ((1ull << ROW_BITS) - 1)) - 1;
+        if (s->id_len[row] == len && !memcmp(s->arena + s->id_off[row], id, len)) return row;
+    }
+    return -1;
 }
 
 int64_t twn_store_find_fid(const twn_store *s, int64_t fid) {
-    return twn_i64map_get(&s->by_fid, fid);
+    const rowidx *x = &s->by_fid;
+    if (!x->cap) return -1;
+    uint64_t h = fid_hash(fid), tag = h >> ROW_BITS;
+    for (size_t j = (size_t)h & (x->cap - 1); x->slots[j]; j = (j + 1) & (x->cap - 1)) {
+        uint64_t v = x->slots[j];
+        if (v >> ROW_BITS != tag) continue;
+        int64_t row = (int64_t)(v & ((1ull << ROW_BITS) - 1)) - 1;
+        if (s->fid[row] == fid) return row;
+    }
+    return -1;
 }
 
 int64_t twn_store_new_fid(const twn_store *s, const char *id, size_t len) {
@@ -251,6 +323,9 @@ int64_t twn_store_new_fid(const twn_store *s, const char *id, size_t len) {
 static int grow(twn_store *s, twn_err *err) {
     if (s->n < s->cap) return 0;
     int64_t ncap = s->cap ? 2 * s->cap : 1024;
+    if (s->n > ROW_MAX)
+        return twn_err_set(err, "store: more than %lld rows in one shard", (long long)ROW_MAX + 1);
+    if (ncap > ROW_MAX + 1) ncap = ROW_MAX + 1;
     size_t bytes;
     if (twn_mul_size((size_t)ncap, (size_t)s->dim * 2, &bytes))
         return twn_err_set(err, "store: %lld rows of dim %d overflow", (long long)ncap, s->dim);
@@ -294,8 +369,8 @@ static int64_t append_common(twn_store *s, const char *id, size_t len, int64_t f
     s->arena[s->arena_n + len] = 0;
     s->arena_n += len + 1;
     s->fid[row] = fid;
-    twn_strmap_put(s->by_id, id, len, row);
-    twn_i64map_put(&s->by_fid, fid, row);
+    rowidx_put(s, &s->by_id, twn_hash64(id, len), row, row_hash_id);
+    rowidx_put(s, &s->by_fid, fid_hash(fid), row, row_hash_fid);
     return row;
 }
 

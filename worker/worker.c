@@ -4,43 +4,26 @@
 #include <string.h>
 
 #include "gate_service/null_engine.h"
+#include "gate_service/role_metrics.h"
+#include "util/clock.h"
 #include "util/log.h"
 #include "util/mem.h"
 
-/* Reads the item `r` names; 0 with *it filled (check it->fault), -1 with msg. */
-static int read_item(const twn_role_cfg *cfg, const Twn__ItemRef *r, twn_src_item *it, twn_err *e) {
-    twn_src_ref ref;
-    twn_blob *b = NULL;
-    int rc = -1;
-    if (twn_src_ref_from_proto(r, &ref, e) || twn_blob_open_file(ref.path, &b, e)) goto out;
-    if (r->length) {
-        rc = twn_src_read_ref(b, &ref, &cfg->src, it, e);
-        goto out;
-    }
-    twn_src_unit u;
-    if (twn_src_unit_from_proto(r->unit_id, r->source, &u, e)) goto out;
-    twn_src_reader *rd = NULL;
-    if (!twn_src_reader_open(b, &u, &cfg->src, &rd, e)) {
-        int got;
-        while ((got = twn_src_reader_next(rd, it, e)) == 1 && it->index != r->item_index) {
-        }
-        if (got == 1)
-            rc = 0;
-        else if (got == 0)
-            twn_err_set(e, "%s: item %llu not found in its unit", ref.path,
-                        (unsigned long long)r->item_index);
-        twn_src_reader_close(rd);
-    }
-    twn_free(u.path);
-out:
-    if (b) twn_blob_close(b);
-    return rc;
+/* Reads the item `r` names from its store (a ranged read of its bytes, or its Kafka message) and
+ * makes its images readable; 0 with *it filled (check it->fault), -1 with msg. */
+static int read_item(twn_role_conn *c, const Twn__ItemRef *r, twn_src_item *it, twn_err *e) {
+    if (twn_role_io(c, e)) return -1;
+    if (twn_srcio_read_ref(c->io, r, &c->cfg->src, it, e)) return -1;
+    return it->fault ? 0 : twn_srcio_fetch_images(c->io, it, e);
 }
 
 static int reason_lease(twn_role_conn *c, const Twn__ReasonLease *l, twn_err *err) {
     const twn_role_cfg *cfg = c->cfg;
     size_t n = l->n_items;
     c->active = l->lease_id;
+    twn_role_lease_begin(c, l->deadline_unix_ms, l->lease_ms);
+    if (twn_role_lease_overdue(c) > 0) /* it waited in our queue past its deadline */
+        return twn_role_abandon(c, "reasoning batch", l->batch_id, l->lease_id, err);
     twn_src_item *items = twn_calloc(n + 1, sizeof *items);
     twn_item *in = twn_calloc(n + 1, sizeof *in);
     twn_result *res = twn_calloc(n + 1, sizeof *res);
@@ -52,10 +35,16 @@ static int reason_lease(twn_role_conn *c, const Twn__ReasonLease *l, twn_err *er
     char **why = twn_calloc(n + 1, sizeof *why);
     float *v = twn_malloc((size_t)c->dim * sizeof *v);
     int rc = 0, m = 0;
+    const twn_role_metrics *rm = twn_role_metrics_get();
+    double t_stage = twn_now();
     for (size_t i = 0; i < n; i++) {
         twn_err e = {0};
         const Twn__ItemRef *r = l->items[i]->ref;
-        if (!r || read_item(cfg, r, &items[i], &e) || items[i].fault) {
+        if (twn_role_beat(c, err)) { /* reads can wait on a store (a Kafka leader moving) */
+            rc = -1;
+            break;
+        }
+        if (!r || read_item(c, r, &items[i], &e) || items[i].fault) {
             why[i] = twn_strdup(!r               ? "hard item without a ref"
                                 : items[i].fault ? items[i].err.msg
                                                  : e.msg);
@@ -85,12 +74,21 @@ static int reason_lease(twn_role_conn *c, const Twn__ReasonLease *l, twn_err *er
             x->image_size = mem ? sizes[i] : NULL;
         }
     }
-    if (cfg->model && m) {
+    twn_histogram_observe(rm->read, twn_now() - t_stage);
+    t_stage = twn_now();
+    if (!rc && cfg->model && m) {
         twn_opts o = cfg->opts;
         o.pass = TWN_PASS_REASON;
         rc = twn_embed_items(cfg->model, in, m, &o, res, err);
+    } else {
+        twn_null_pace(cfg->null_item_us, m);
     }
-    for (int j = 0; j < m && !rc; j++) {
+    if (m) {
+        twn_histogram_observe(rm->reason, twn_now() - t_stage);
+        twn_histogram_observe(rm->batch_worker, m);
+    }
+    int late = !rc && twn_role_lease_overdue(c) > 0; /* CoT took past the lease: results are late */
+    for (int j = 0; j < m && !rc && !late; j++) {
         size_t i = map[j];
         const Twn__ItemRef *r = l->items[i]->ref;
         if (!cfg->model) {
@@ -105,10 +103,10 @@ static int reason_lease(twn_role_conn *c, const Twn__ReasonLease *l, twn_err *er
                               err);
         }
     }
-    for (size_t i = 0; i < n && !rc; i++)
+    for (size_t i = 0; i < n && !rc && !late; i++)
         if (!ok[i] && l->items[i]->ref)
             rc = twn_role_reject(c, l->items[i]->ref, TWN__STAGE__STAGE_REASON, why[i], err);
-    if (!rc) rc = twn_role_flush(c, 0, err);
+    if (!rc && !late) rc = twn_role_flush(c, 0, err);
     for (int j = 0; j < m; j++)
         if (cfg->model) twn_result_free(&res[j]);
     for (size_t i = 0; i < n; i++) {
@@ -128,6 +126,7 @@ static int reason_lease(twn_role_conn *c, const Twn__ReasonLease *l, twn_err *er
     twn_free(sizes);
     twn_free(why);
     twn_free(v);
+    if (!rc && late) return twn_role_abandon(c, "reasoning batch", l->batch_id, l->lease_id, err);
     if (!rc) rc = twn_role_finished(c, l->lease_id, err);
     return rc;
 }

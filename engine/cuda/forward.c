@@ -327,6 +327,10 @@ static int validate(const twn_cuda_ctx *c, const twn_cuda_seq *seqs, int n_seqs,
 
 int twn_cu_forward(twn_cuda_ctx *c, twn_cuda_seq *seqs, int n_seqs, twn_err *err) {
     if (validate(c, seqs, n_seqs, err)) return -1;
+    /* the current device is per host thread, and steps come from whichever thread runs the
+     * scheduler (twn run: several gate and worker threads, serialized by engine/backend.c) */
+    if (twn_cu_check(cudaSetDevice(c->device), err, "cudaSetDevice")) return -1;
+    (void)cudaGetLastError(); /* run_step's launch check must see this step's errors only */
     step st;
     memset(&st, 0, sizeof st);
     int E = 0, P = 0;

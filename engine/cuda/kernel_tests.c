@@ -22,7 +22,8 @@ typedef struct {
 } kit;
 
 static int ready(twn_err *err) {
-    if (tc.ready) return 0;
+    (void)cudaGetLastError(); /* an error left by an earlier test must not be blamed on this one */
+    if (tc.ready) return twn_cu_check(cudaSetDevice(0), err, "cudaSetDevice(0)");
     if (twn_cu_check(cudaSetDevice(0), err, "cudaSetDevice(0)") ||
         twn_cu_check(cudaStreamCreate(&tc.s), err, "cudaStreamCreate") ||
         twn_cu_blas_check(cublasCreate(&tc.h), err, "cublasCreate") ||
@@ -68,14 +69,21 @@ static twn_bf16 *put_bf16(kit *k, const float *src, size_t n, twn_err *err) {
     return d;
 }
 
+/* A launch with a bad configuration fails at once and only cudaGetLastError reports it (the
+ * stream stays healthy), so every read-back checks it before waiting for the stream. */
+static int finish(twn_err *err) {
+    if (twn_cu_check(cudaGetLastError(), err, "kernel launch")) return -1;
+    return twn_cu_check(cudaStreamSynchronize(tc.s), err, "kernel");
+}
+
 static int get_f32(float *dst, const float *src, size_t n, twn_err *err) {
-    if (twn_cu_check(cudaStreamSynchronize(tc.s), err, "kernel")) return -1;
+    if (finish(err)) return -1;
     return twn_cu_check(cudaMemcpy(dst, src, sizeof(float) * n, cudaMemcpyDeviceToHost), err,
                         "download");
 }
 
 static int get_bf16(float *dst, const twn_bf16 *src, size_t n, twn_err *err) {
-    if (twn_cu_check(cudaStreamSynchronize(tc.s), err, "kernel")) return -1;
+    if (finish(err)) return -1;
     twn_bf16 *h = malloc(sizeof(twn_bf16) * (n ? n : 1));
     if (!h) return twn_cu_err(err, "out of memory");
     int rc = twn_cu_check(cudaMemcpy(h, src, sizeof(twn_bf16) * n, cudaMemcpyDeviceToHost), err,
@@ -309,7 +317,7 @@ static int k_argmax(const float *x, int rows, int V, int32_t *out, twn_err *err)
     TRY(dx = put(&k, x, sizeof(float) * (size_t)rows * V, err));
     TRY(o = kalloc(&k, sizeof(int32_t) * (size_t)rows, err));
     twn_cu_argmax(tc.s, dx, rows, V, o);
-    if (twn_cu_check(cudaStreamSynchronize(tc.s), err, "argmax") ||
+    if (finish(err) ||
         twn_cu_check(cudaMemcpy(out, o, sizeof(int32_t) * (size_t)rows, cudaMemcpyDeviceToHost),
                      err, "download"))
         goto fail;

@@ -125,6 +125,11 @@ static int setup_kv(twn_cuda_ctx *c, const twn_cuda_opts *o, twn_err *err) {
     c->v_pool = c->k_pool ? dev_alloc(c, pool, "the KV cache (V)", err) : NULL;
     if (!c->v_pool) return -1;
     c->kv_bytes = 2 * pool;
+    /* Attention only reads rows a step has written, but a zeroed pool keeps a stray read finite
+     * and the results reproducible (cudaMalloc memory may hold NaN patterns). */
+    if (twn_cu_check(cudaMemset(c->k_pool, 0, pool), err, "clearing the KV cache (K)") ||
+        twn_cu_check(cudaMemset(c->v_pool, 0, pool), err, "clearing the KV cache (V)"))
+        return -1;
     c->free_pages = malloc(sizeof(int32_t) * (size_t)c->n_pages);
     if (!c->free_pages) return twn_cu_err(err, "cannot allocate the KV page list");
     for (int i = 0; i < c->n_pages; i++) c->free_pages[i] = c->n_pages - 1 - i;
@@ -226,6 +231,7 @@ fail:
 
 void twn_cu_destroy(twn_cuda_ctx *c) {
     if (!c) return;
+    cudaSetDevice(c->device); /* this thread may not be the one that created c */
     if (c->stream) cudaStreamSynchronize(c->stream);
     twn_cu_graphs_clear(c);
     twn_cu_arena_free(c);

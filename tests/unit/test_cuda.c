@@ -10,6 +10,11 @@
  * Model: ragged mixed-adapter steps (prefill with query vectors and pooling, M-RoPE positions
  * with DeepStack, decode steps, a sequence joining mid-way) on random in-memory models and on the
  * tiny checkpoint, CUDA vs the CPU fp32 engine; CUDA graphs vs eager; KV pool accounting.
+ * Scheduler: twn_embed_items (engine/twn.c) on the tiny checkpoint with the model's backend
+ * switched to cuda — text and image items in mode never against the cpu backend's embeddings
+ * (whole-model tolerance), mode always end to end, and a KV pool so small that sequences wait
+ * for pages (same embeddings) while an item that can never fit fails alone with the pool's
+ * message.
  *
  * Tolerance ("bf16 level"): max |gpu - cpu| / max |cpu| over each output, any NaN or Inf fails.
  * Kernels: <= 1e-2 (one bf16 rounding of an input or output, 2^-9 relative, against fp32).
@@ -528,6 +533,133 @@ static void test_model_tiny_checkpoint(void **st) {
     twn_model_free(m);
 }
 
+/* ------------------------------------------------------------------------------------------ */
+/* The scheduler on the cuda backend */
+
+static const char *sched_texts[] = {
+    "A red bicycle leaning against a brick wall.",
+    "Quarterly revenue grew 12% while operating costs fell.",
+    "量子コンピュータは重ね合わせを利用する。",
+    "def add(a, b):\n    return a + b",
+    "Explain why the sky is blue at noon and red at sunset.",
+};
+#define N_SCHED ((int)(sizeof sched_texts / sizeof *sched_texts))
+
+static void sched_items(twn_item *it, const char *const *img) {
+    for (int i = 0; i < N_SCHED; i++) it[i] = (twn_item){.id = "t", .text = sched_texts[i]};
+    it[N_SCHED] = (twn_item){.id = "img", .text = "a rocket", .images = img, .n_images = 1};
+}
+
+static void sched_run(const twn_model *m, const twn_item *it, int n, const char *mode,
+                      twn_result *r) {
+    twn_opts o;
+    twn_opts_default(&o);
+    OK(twn_mode_parse(mode, &o, E));
+    OK(twn_embed_items(m, it, n, &o, r, E));
+}
+
+static void set_backend(twn_model *m, twn_backend_kind kind, size_t kv_budget) {
+    twn_backend_opts o;
+    twn_backend_opts_default(&o);
+    o.kind = kind;
+    o.kv_budget_bytes = kv_budget;
+    OK(twn_model_set_backend(m, &o, E));
+    printf("  %s\n", twn_backend_describe(m->backend));
+}
+
+static void test_embed_items_cuda(void **st) {
+    (void)st;
+    twn_model *m;
+    OK(twn_model_load(tu_tiny_model(), &m, E));
+    const int H = m->lm->H, n = N_SCHED + 1;
+    const char *img[1] = {TWN_SOURCE_DIR "/tests/data/images/rocket.jpg"};
+    twn_item it[N_SCHED + 1];
+    sched_items(it, img);
+    twn_result cpu[N_SCHED + 1], gpu[N_SCHED + 1], al[N_SCHED + 1], one[N_SCHED + 1];
+    sched_run(m, it, n, "never", cpu);
+    for (int i = 0; i < n; i++) sched_run(m, &it[i], 1, "always", &one[i]);
+    set_backend(m, TWN_BACKEND_CUDA, 64u << 20);
+    assert_int_equal(twn_backend_which(m->backend), TWN_BACKEND_CUDA);
+    sched_run(m, it, n, "never", gpu);
+    for (int i = 0; i < n; i++) {
+        char what[64];
+        assert_null(cpu[i].error);
+        assert_null(gpu[i].error);
+        snprintf(what, sizeof what, "embed_items never item %d (cuda vs cpu)", i);
+        check_tol(what, gpu[i].embedding, cpu[i].embedding, (size_t)H, MODEL_TOL);
+    }
+    /* always: gate, greedy CoT on the device (argmax), embedding pass; bf16 may pick another
+     * token where two logits nearly tie, so the CoTs are reported, not required equal */
+    sched_run(m, it, n, "always", al);
+    int same = 0;
+    for (int i = 0; i < n; i++) {
+        assert_null(al[i].error);
+        assert_true(al[i].hard);
+        assert_true(al[i].think_tokens >= 1 && al[i].think_tokens <= m->man.max_think_tokens);
+        double norm = 0;
+        for (int k = 0; k < H; k++) norm += (double)al[i].embedding[k] * al[i].embedding[k];
+        assert_true(fabs(norm - 1.0) < 1e-4);
+        same += one[i].n_cot == al[i].n_cot &&
+                !memcmp(one[i].cot_ids, al[i].cot_ids, sizeof(int32_t) * (size_t)one[i].n_cot);
+    }
+    printf("  mode always: %d of %d CoTs identical to the cpu backend's\n", same, n);
+    for (int i = 0; i < n; i++) {
+        twn_result_free(&cpu[i]);
+        twn_result_free(&gpu[i]);
+        twn_result_free(&al[i]);
+        twn_result_free(&one[i]);
+    }
+    twn_model_free(m);
+}
+
+/* A pool of 6 pages of 16 rows: prompts wait for each other's pages (mode never: the same
+ * embeddings as with a large pool, within the tolerance, since the steps batch differently) and
+ * a prompt longer than the whole pool fails alone, with the pool's message; mode always (CoT
+ * reservations of prompt + max_think_tokens rows) completes too, and every page comes back. */
+static void test_embed_items_kv_wait(void **st) {
+    (void)st;
+    twn_model *m;
+    OK(twn_model_load(tu_tiny_model(), &m, E));
+    const twn_lm *lm = m->lm;
+    const int H = lm->H;
+    const size_t page = 2u * (size_t)lm->L * 16 * (size_t)(lm->nkv * lm->D) * 2;
+    char *longtxt = twn_malloc(6000);
+    longtxt[0] = 0;
+    for (int i = 0; i < 150; i++) strcat(longtxt, "word ");
+    twn_item it[N_SCHED + 1];
+    for (int i = 0; i < N_SCHED; i++) it[i] = (twn_item){.id = "t", .text = sched_texts[i]};
+    it[N_SCHED] = (twn_item){.id = "long", .text = longtxt};
+    twn_result big[N_SCHED + 1], small[N_SCHED + 1], al[N_SCHED + 1];
+    set_backend(m, TWN_BACKEND_CUDA, 64u << 20);
+    sched_run(m, it, N_SCHED, "never", big);
+    set_backend(m, TWN_BACKEND_CUDA, 6 * page);
+    assert_true(twn_backend_kv_rows_free(m->backend) == 96);
+    sched_run(m, it, N_SCHED + 1, "never", small);
+    sched_run(m, it, N_SCHED + 1, "always", al);
+    for (int i = 0; i < N_SCHED; i++) {
+        char what[64];
+        assert_null(small[i].error);
+        assert_null(al[i].error);
+        assert_true(al[i].think_tokens >= 1);
+        snprintf(what, sizeof what, "kv wait item %d (small pool vs large)", i);
+        check_tol(what, small[i].embedding, big[i].embedding, (size_t)H, MODEL_TOL);
+        twn_result_free(&big[i]);
+        twn_result_free(&small[i]);
+        twn_result_free(&al[i]);
+    }
+    for (int k = 0; k < 2; k++) {
+        twn_result *r = k ? &al[N_SCHED] : &small[N_SCHED];
+        assert_non_null(r->error);
+        printf("  %s\n", r->error);
+        assert_true(!strncmp(r->error, "KV cache: KV cache pool exhausted", 33));
+        assert_null(r->embedding);
+        twn_result_free(r);
+    }
+    assert_true(twn_backend_kv_rows_free(m->backend) == 96); /* every page came back */
+    twn_free(longtxt);
+    twn_model_free(m);
+}
+
 static void test_kv_pool(void **st) {
     (void)st;
     const rl_dims d = {
@@ -591,12 +723,19 @@ int main(void) {
     M = twn_backend_cuda_module(NULL, why, sizeof why);
     printf("CUDA module: %s\n", M->build_info);
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_linear),         cmocka_unit_test(test_rmsnorm),
-        cmocka_unit_test(test_qk_norm_rope),   cmocka_unit_test(test_silu_mul),
-        cmocka_unit_test(test_lora_segmented), cmocka_unit_test(test_attention),
-        cmocka_unit_test(test_argmax),         cmocka_unit_test(test_pool),
-        cmocka_unit_test(test_model_random),   cmocka_unit_test(test_model_tiny_checkpoint),
+        cmocka_unit_test(test_linear),
+        cmocka_unit_test(test_rmsnorm),
+        cmocka_unit_test(test_qk_norm_rope),
+        cmocka_unit_test(test_silu_mul),
+        cmocka_unit_test(test_lora_segmented),
+        cmocka_unit_test(test_attention),
+        cmocka_unit_test(test_argmax),
+        cmocka_unit_test(test_pool),
+        cmocka_unit_test(test_model_random),
+        cmocka_unit_test(test_model_tiny_checkpoint),
         cmocka_unit_test(test_kv_pool),
+        cmocka_unit_test(test_embed_items_cuda),
+        cmocka_unit_test(test_embed_items_kv_wait),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
