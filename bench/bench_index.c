@@ -1,49 +1,79 @@
 /* bench_index.c — how fast one index shard ingests vectors, and how much memory it holds.
  *
- * usage: bench_index [WORKDIR] [SCALE] [FACTORY]
+ * usage: bench_index [-w WORKDIR] [-D DIM] [-b BATCH] [-c COMMIT_MS] [-t FAISS_THREADS]
+ *                    [FACTORY:N ...]
  *   WORKDIR: where shard directories go (default ./bench-index-tmp, removed afterwards); put it on
- *   the disk the indexer would use, since every batch is fsynced.
- *   SCALE: multiplies the vector counts (default 1).
- *   FACTORY: run only the cases whose factory string is exactly this (e.g. Flat).
+ *     the disk the indexer would use, since commits fsync.
+ *   DIM: vector dimension (default 1024).  BATCH: items per EmbeddingBatch (default 32 =
+ *     gate.batch).  COMMIT_MS: group-commit interval (default 5 = indexer.commit_ms).
+ *   FAISS_THREADS: OpenMP threads for FAISS calls (default 1, what `twn run` gives each indexer).
+ *   FACTORY:N: cases to run (default Flat:200000 IVF256,PQ64:200000 HNSW32:20000).
  *
- * For each (dim, factory) — D = 2048 (the Qwen3-VL-2B hidden size) and D = 256, Flat and IVF-PQ —
- * two child processes run on the same deterministic random unit vectors:
- *   baseline: bare FAISS through the C API (train if needed, then add_with_ids in batches);
- *   shard:    twn_shard_add + twn_shard_commit per batch (WAL with zstd + fsync, float16 store,
- *             exactly-once bookkeeping, training once the sample is in), then one snapshot.
- * Each child reports its rates; the parent reads the child's peak RSS from wait4()'s rusage.
- * The ratio shard/baseline is the cost of durability and bookkeeping over FAISS itself.
+ * Every case runs three child processes on the same deterministic random unit vectors (made
+ * once in the parent, shared copy-on-write):
+ *   faiss:  FAISS alone through the C API: the same factory string (wrapped in IDMap exactly as
+ *           the shard does, twn_build_new), trained on the same first train_size vectors, then
+ *           add_with_ids in batches of BATCH.
+ *   group:  what index/service.c does per EmbeddingBatch: twn_msg_unpack of the frame (zstd
+ *           framing as sent by a gate), twn_batch_get_vectors, twn_shard_add; plus a group commit
+ *           (one fsync) whenever COMMIT_MS of indexer time has passed since the last one.  The
+ *           indexer is assumed saturated (a batch is always waiting), so the clock is the
+ *           indexer's busy time; packing the frames (the gate's work) is not timed.
+ *   fsync:  the same with twn_shard_commit after every batch (the worst case: one fsync per
+ *           batch, e.g. one slow gate).
+ * Rates: "steady" = vectors/s after the index is trained (the training batch excluded), the
+ * number to compare with FAISS's add rate; "overall" includes training (and the shard's adding
+ * of its buffered training sample) and is compared with FAISS's train + add.
  *
- * Memory formulas printed next to the measurements (bytes; after autofaiss'
- * estimate_memory_required_for_index):
- *   Flat:    4·D·N
- *   IVF-PQ:  N·(m·nbits/8 + 8) + 4·D·nlist + 4·D·2^nbits   (codes + ids, coarse centroids, PQ
- *            codebooks; inverted-list overallocation ignored)
- *   store:   N·(2·D + 8 + id bytes + ~40)                   (float16 vectors, FAISS id, id text,
- *            metadata, hash-map slots) — twn's own addition beside the index
- * The inputs themselves (N·D·4 bytes of float32 vectors) are resident in both children and are
- * printed so they can be subtracted. */
+ * Memory: each child reads VmRSS before it starts (the shared inputs are already mapped, so they
+ * are in it) and VmHWM after ingest and after the final snapshot; the difference is what FAISS
+ * (faiss) or the whole shard (group, fsync) added at peak.  Printed beside autofaiss's estimates
+ * (criteo/autofaiss, autofaiss/external/metadata.py, IndexMetadata.estimated_index_size_in_bytes
+ * and compute_memory_necessary_for_training):
+ *   Flat:     4·D·N
+ *   HNSW{M}:  4·D·N + 8·M·N
+ *   IVF{n},PQ{m}[x{b}]: N·(ceil(m·b/8) + 1 + floor((log2 n − 1)/8)) + 4·D·n
+ *   training (IVF-PQ): 1.5·4·D·n_train + 4·D·n + ceil(m·b/8)
+ * and what FAISS really keeps per vector beside that (8-byte ids in IDMap / inverted lists,
+ * 256·4·D bytes of PQ codebooks), and the store's own minimum (float16 vector, id text and
+ * offsets, FAISS id, metadata, two 8-byte-slot row indexes at load <= 3/4, WAL seq per row). */
+#include <malloc.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/resource.h>
+#include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "common/transport.h"
 #include "index/build.h"
 #include "index/shard.h"
 #include "util/clock.h"
+#include "util/hash.h"
 #include "util/mem.h"
 #include "util/rng.h"
 
-#define BATCH 256
+enum { MODE_FAISS, MODE_GROUP, MODE_FSYNC, N_MODES };
+static const char *const mode_name[N_MODES] = {"faiss", "group", "fsync"};
 
 typedef struct {
-    int dim;
     const char *factory;
-    int n;
-    int m, nbits, nlist; /* PQ parameters for the formula (m = 0: Flat) */
+    int n, dim;
+    int nlist, m, nbits, hnsw; /* parsed from the factory, for the formulas */
 } bench_case;
+
+typedef struct {
+    const char *work;
+    int batch;
+    double commit_ms;
+    int threads;
+} bench_opts;
+
+typedef struct { /* one child's results (written into a shared page) */
+    double steady, overall, train, rss0, hwm_ingest, hwm_end, unpack_s, add_s, commit_s;
+    double fsyncs, fsync_ms, snap_s, hwm_train, commits, wal_raw, wal_written, pack_s, frame_bytes;
+} child_res;
 
 static float *unit_vectors(int n, int d, uint64_t seed) {
     twn_rng r;
@@ -53,199 +83,424 @@ static float *unit_vectors(int n, int d, uint64_t seed) {
         double norm = 0;
         float *v = x + (size_t)i * (size_t)d;
         for (int j = 0; j < d; j++) {
-            v[j] = (float)twn_rng_normal(&r);
+            v[j] = (float)(2.0 * twn_rng_uniform(&r) - 1.0);
             norm += (double)v[j] * v[j];
         }
-        for (int j = 0; j < d; j++) v[j] = (float)(v[j] / __builtin_sqrt(norm));
+        for (int j = 0; j < d; j++) v[j] = (float)(v[j] / sqrt(norm));
     }
     return x;
 }
 
-static double formula_index(const bench_case *c) {
+/* Values from /proc/self/status ("VmRSS:", "VmHWM:", in KiB), as MB (10^6 bytes). */
+static double proc_mb(const char *key) {
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    double v = -1;
+    size_t kl = strlen(key);
+    while (f && fgets(line, sizeof line, f))
+        if (!strncmp(line, key, kl)) v = atof(line + kl) * 1024.0 / 1e6; /* kB (KiB) -> MB */
+    if (f) fclose(f);
+    return v;
+}
+
+static void item_id(char *buf, size_t cap, int i) {
+    snprintf(buf, cap, "corpus/part-%04d/item-%09d", i / 10000, i);
+}
+
+static void parse_factory(bench_case *c) {
+    const char *p;
+    if ((p = strstr(c->factory, "HNSW"))) c->hnsw = atoi(p + 4);
+    if ((p = strstr(c->factory, "IVF"))) c->nlist = atoi(p + 3);
+    if ((p = strstr(c->factory, "PQ"))) {
+        c->m = atoi(p + 2);
+        const char *x = strchr(p, 'x');
+        c->nbits = x && (!strchr(p, ',') || x < strchr(p, ',')) ? atoi(x + 1) : 8;
+    }
+}
+
+/* autofaiss's estimate of the index alone, bytes (-1: a type it does not model). */
+static double autofaiss_index(const bench_case *c) {
     double N = c->n, D = c->dim;
-    if (!c->m) return 4 * D * N;
-    return N * (c->m * c->nbits / 8.0 + 8) + 4 * D * c->nlist + 4 * D * (1 << c->nbits);
+    if (!strcmp(c->factory, "Flat")) return 4 * D * N;
+    if (c->hnsw && !c->nlist) return 4 * D * N + 8.0 * c->hnsw * N;
+    if (c->nlist && c->m) {
+        double code = ceil(c->m * c->nbits / 8.0);
+        double cluster = 1 + floor((log2(c->nlist) - 1) / 8);
+        return N * (code + cluster) + 4 * D * c->nlist;
+    }
+    return -1;
 }
 
-static double formula_store(const bench_case *c) {
-    return (double)c->n * (2.0 * c->dim + 8 + 12 + 40);
+static double autofaiss_train(const bench_case *c, double n_train) {
+    if (!(c->nlist && c->m)) return 0;
+    return 1.5 * 4 * c->dim * n_train + 4.0 * c->dim * c->nlist + ceil(c->m * c->nbits / 8.0);
 }
 
-static int run_baseline(const bench_case *c, const float *x) {
+/* What FAISS itself keeps for this factory (IDMap ids or inverted-list ids, PQ codebooks). */
+static double faiss_actual(const bench_case *c) {
+    double N = c->n, D = c->dim;
+    if (c->nlist && c->m)
+        return N * (c->m * c->nbits / 8.0 + 8) + 4 * D * c->nlist + 4 * D * (1 << c->nbits);
+    /* HNSW: vectors, 2M int32 links at level 0 plus ~M/(M-1) above, level and offset per vector */
+    if (c->hnsw) return N * (4 * D + 8 + 4.0 * (2 * c->hnsw + 1) + 12);
+    return N * (4 * D + 8);
+}
+
+/* The store's minimum per item (arrays exactly full): float16 vector, id text + NUL, id offset 8 +
+ * length 4, FAISS id 8, route 1 + p_think 4 + think tokens 4, id->row and fid->row indexes (8-byte
+ * slots at load <= 3/4), the shard's row -> WAL seq 8. */
+static double store_per_item(const bench_case *c, double id_len) {
+    return 2.0 * c->dim + id_len + 1 + 12 + 8 + 9 + 2 * 8 / 0.75 + 8;
+}
+
+static int run_faiss(const bench_case *c, const bench_opts *o, const float *x, child_res *r) {
     twn_err err = {{0}};
     FaissIndex *ix;
     char desc[TWN_INDEX_DESC_MAX];
-    if (twn_build_new(c->dim, c->factory, &ix, desc, &err)) goto fail;
+    double rss0 = proc_mb("VmRSS:");
+    if (twn_build_new(c->dim, c->factory, &ix, desc, &err)) {
+        fprintf(stderr, "%s\n", err.msg);
+        return 1;
+    }
     double t0 = twn_now(), train = 0;
     int64_t ts = twn_build_train_size(ix, 0);
-    if (ts) {
-        if (faiss_Index_train(ix, ts < c->n ? ts : c->n, x) != 0) {
-            fprintf(stderr, "train: %s\n", twn_faiss_error());
-            return 1;
-        }
-        train = twn_now() - t0;
+    if (ts > c->n) ts = c->n;
+    if (ts && faiss_Index_train(ix, ts, x) != 0) {
+        fprintf(stderr, "train: %s\n", twn_faiss_error());
+        return 1;
     }
-    idx_t *ids = twn_malloc(BATCH * sizeof *ids);
+    train = twn_now() - t0;
+    r->hwm_train = proc_mb("VmHWM:");
+    idx_t *ids = twn_malloc((size_t)o->batch * sizeof *ids);
+    char id[64];
     double t1 = twn_now();
-    for (int at = 0; at < c->n; at += BATCH) {
-        int m = c->n - at < BATCH ? c->n - at : BATCH;
-        for (int i = 0; i < m; i++)
-            ids[i] = (idx_t)(0x9e3779b97f4a7c15ull * (uint64_t)(at + i + 1));
+    for (int at = 0; at < c->n; at += o->batch) {
+        int m = c->n - at < o->batch ? c->n - at : o->batch;
+        for (int i = 0; i < m; i++) {
+            item_id(id, sizeof id, at + i);
+            ids[i] = (idx_t)twn_hash64(id, strlen(id));
+        }
         if (faiss_Index_add_with_ids(ix, m, x + (size_t)at * (size_t)c->dim, ids) != 0) {
             fprintf(stderr, "add: %s\n", twn_faiss_error());
             return 1;
         }
     }
     double add = twn_now() - t1;
-    printf("    faiss baseline   : add %9.0f vec/s%s", c->n / add, ts ? "" : "\n");
-    if (ts) printf("  (train %.2f s on %lld vectors)\n", train, (long long)(ts < c->n ? ts : c->n));
-    printf("RESULT baseline %.1f\n", c->n / add);
-    fflush(stdout);
+    double hwm = proc_mb("VmHWM:");
+    *r = (child_res){.steady = c->n / add,
+                     .overall = c->n / (train + add),
+                     .train = train,
+                     .rss0 = rss0,
+                     .hwm_ingest = hwm,
+                     .hwm_end = hwm,
+                     .add_s = add,
+                     .hwm_train = r->hwm_train};
     faiss_Index_free(ix);
     twn_free(ids);
     return 0;
-fail:
-    fprintf(stderr, "%s\n", err.msg);
-    return 1;
 }
 
-static int run_shard(const bench_case *c, const float *x, const char *dir) {
+/* One gate-side EmbeddingBatch frame for items [at, at+m). */
+static int pack_batch(const bench_case *c, const float *x, int at, int m, uint64_t batch_id,
+                      const twn_frame_opts *fo, uint8_t **frame, size_t *len, twn_err *err) {
+    Twn__EmbeddingItem *it = twn_calloc((size_t)m, sizeof *it);
+    Twn__EmbeddingItem **ptrs = twn_malloc((size_t)m * sizeof *ptrs);
+    char(*ids)[64] = twn_malloc((size_t)m * sizeof *ids);
+    for (int i = 0; i < m; i++) {
+        twn__embedding_item__init(&it[i]);
+        item_id(ids[i], sizeof ids[i], at + i);
+        it[i].id = ids[i];
+        it[i].unit_id = (uint64_t)(at + i) / 1000;
+        it[i].item_index = (uint32_t)((at + i) % 1000);
+        it[i].route = (at + i) % 5 ? TWN__ROUTE__ROUTE_EASY : TWN__ROUTE__ROUTE_HARD;
+        it[i].p_think = 0.25f;
+        ptrs[i] = &it[i];
+    }
+    Twn__EmbeddingBatch b = TWN__EMBEDDING_BATCH__INIT;
+    b.batch_id = batch_id;
+    b.sender = "gate-0";
+    b.dim = (uint32_t)c->dim;
+    b.n_items = (size_t)m;
+    b.items = ptrs;
+    twn_batch_set_vectors(&b, x + (size_t)at * (size_t)c->dim);
+    Twn__Envelope env = TWN__ENVELOPE__INIT;
+    env.body_case = TWN__ENVELOPE__BODY_EMBEDDING_BATCH;
+    env.embedding_batch = &b;
+    int rc = twn_msg_pack(&env, fo, frame, len, err);
+    twn_free(it);
+    twn_free(ptrs);
+    twn_free(ids);
+    return rc;
+}
+
+/* index/service.c's on_batch, minus the acks' bookkeeping: unpack, copy the vectors, add. */
+static int on_frame(twn_shard *s, const uint8_t *frame, size_t len, const twn_frame_opts *fo,
+                    double *unpack_s, twn_err *err) {
+    double t0 = twn_now();
+    Twn__Envelope *m = NULL;
+    if (twn_msg_unpack(frame, len, fo, &m, err)) return -1;
+    const Twn__EmbeddingBatch *b = m->embedding_batch;
+    size_t n = b->n_items;
+    float *v = twn_malloc(n * b->dim * sizeof *v + 1);
+    twn_index_item *it = twn_calloc(n + 1, sizeof *it);
+    twn_shard_ack *acks = twn_calloc(n + 1, sizeof *acks);
+    int rc = twn_batch_get_vectors(b, v, err);
+    for (size_t i = 0; i < n && !rc; i++) {
+        const Twn__EmbeddingItem *ei = b->items[i];
+        it[i].id = ei->id;
+        it[i].vec = v + i * b->dim;
+        it[i].route = ei->route == TWN__ROUTE__ROUTE_HARD ? TWN_ROUTE_HARD : TWN_ROUTE_EASY;
+        it[i].p_think = ei->p_think;
+        it[i].think_tokens = ei->think_tokens;
+    }
+    *unpack_s += twn_now() - t0;
+    if (!rc) rc = twn_shard_add(s, it, n, acks, err);
+    twn_free(v);
+    twn_free(it);
+    twn_free(acks);
+    twn_msg_free(m);
+    return rc;
+}
+
+static int run_shard(const bench_case *c, const bench_opts *o, const float *x, const char *dir,
+                     int fsync_each, child_res *r) {
     twn_err err = {{0}};
     twn_shard *s;
-    twn_shard_opts o = {.dim = c->dim, .factory = c->factory, .model = "bench", .model_hash = "-"};
-    if (twn_shard_open(dir, &o, &s, NULL, &err)) goto fail;
-    twn_index_item *items = twn_malloc(BATCH * sizeof *items);
-    char(*ids)[16] = twn_malloc(BATCH * sizeof *ids);
-    double t0 = twn_now(), pause = 0, steady_t = 0, add_t = 0, commit_t = 0;
-    int steady_n = 0, was_trained = 0;
+    double rss0 = proc_mb("VmRSS:");
+    twn_shard_opts so = {.dim = c->dim, .factory = c->factory, .model = "bench", .model_hash = "-"};
+    if (twn_shard_open(dir, &so, &s, NULL, &err)) goto fail;
+    twn_frame_opts fo = twn_frame_opts_default();
+    double busy = 0, since_commit = 0, unpack_s = 0, add_s = 0, commit_s = 0, pause = 0;
+    double steady_t = 0, pack_s = 0, frame_bytes = 0;
+    int steady_n = 0;
     twn_shard_stats st;
     twn_shard_get_stats(s, &st);
-    was_trained = st.trained;
-    for (int at = 0; at < c->n; at += BATCH) {
-        int m = c->n - at < BATCH ? c->n - at : BATCH;
-        for (int i = 0; i < m; i++) {
-            snprintf(ids[i], sizeof ids[i], "item-%08d", at + i);
-            items[i] = (twn_index_item){
-                .id = ids[i], .vec = x + (size_t)(at + i) * (size_t)c->dim, .p_think = 0.5f};
-        }
-        double b0 = twn_now();
-        uint64_t durable;
-        if (twn_shard_add(s, items, (size_t)m, NULL, &err)) goto fail;
+    int was_trained = st.trained;
+    uint64_t durable;
+    for (int at = 0; at < c->n; at += o->batch) {
+        int m = c->n - at < o->batch ? c->n - at : o->batch;
+        uint8_t *frame;
+        size_t len;
+        double p0 = twn_now();
+        if (pack_batch(c, x, at, m, (uint64_t)at / (uint64_t)o->batch + 1, &fo, &frame, &len, &err))
+            goto fail;
+        pack_s += twn_now() - p0;
+        frame_bytes += (double)len;
+        double b0 = twn_now(), u0 = unpack_s;
+        int rc = on_frame(s, frame, len, &fo, &unpack_s, &err);
+        twn_free(frame);
+        if (rc) goto fail;
         double b1 = twn_now();
-        if (twn_shard_commit(s, &durable, &err)) goto fail;
+        add_s += b1 - b0 - (unpack_s - u0);
+        since_commit += b1 - b0;
+        if (fsync_each || since_commit * 1000.0 >= o->commit_ms) {
+            if (twn_shard_commit(s, &durable, &err)) goto fail;
+            /* service.c restarts its interval when the commit starts, so the fsync's own
+               time counts towards the next one */
+            since_commit = twn_now() - b1;
+            commit_s += since_commit;
+        }
         double dt = twn_now() - b0;
-        add_t += b1 - b0;
-        commit_t += twn_now() - b1;
+        busy += dt;
         twn_shard_get_stats(s, &st);
-        if (st.trained && !was_trained)
-            pause = dt; /* this batch trained the index */
-        else if (st.trained) {
+        if (st.trained && !was_trained) {
+            pause = dt; /* this batch trained the index and added the buffered sample */
+            r->hwm_train = proc_mb("VmHWM:");
+        } else if (st.trained) {
             steady_t += dt;
             steady_n += m;
         }
         was_trained = st.trained;
     }
-    double total = twn_now() - t0;
+    double b1 = twn_now();
+    if (twn_shard_commit(s, &durable, &err)) goto fail;
+    commit_s += twn_now() - b1;
+    busy += twn_now() - b1;
+    double hwm_ingest = proc_mb("VmHWM:");
     double s0 = twn_now();
     if (twn_shard_snapshot(s, &err)) goto fail;
     double snap = twn_now() - s0;
+    double hwm_end = proc_mb("VmHWM:");
     twn_shard_get_stats(s, &st);
-    if (steady_n)
-        printf("    twn shard        : add %9.0f vec/s (add+commit per %d, after training)",
-               steady_n / steady_t, BATCH);
-    else
-        printf("    twn shard        : never trained (N < train_size %lld): buffered only",
-               (long long)st.train_size);
-    if (pause > 0)
-        printf(", training pause %.2f s at %lld vectors", pause, (long long)st.train_size);
-    printf("\n      overall %.0f vec/s incl. training (add %.2f s, commit %.2f s); %llu fsyncs "
-           "%.1f ms "
-           "mean; WAL %.1f MB raw -> %.1f MB; snapshot %.2f s\n",
-           c->n / total, add_t, commit_t, (unsigned long long)st.wal.fsyncs,
-           st.wal.fsyncs ? 1e3 * st.wal.fsync_seconds / (double)st.wal.fsyncs : 0.0,
-           st.wal.raw_bytes / 1e6, st.wal.written_bytes / 1e6, snap);
-    printf("RESULT shard %.1f\n", steady_n ? steady_n / steady_t : 0.0);
-    fflush(stdout);
+    *r = (child_res){.steady = steady_n ? steady_n / steady_t : 0.0,
+                     .overall = c->n / busy,
+                     .train = pause,
+                     .rss0 = rss0,
+                     .hwm_ingest = hwm_ingest,
+                     .hwm_end = hwm_end,
+                     .unpack_s = unpack_s,
+                     .add_s = add_s,
+                     .commit_s = commit_s,
+                     .fsyncs = (double)st.wal.fsyncs,
+                     .fsync_ms =
+                         st.wal.fsyncs ? 1e3 * st.wal.fsync_seconds / (double)st.wal.fsyncs : 0.0,
+                     .snap_s = snap,
+                     .hwm_train = r->hwm_train,
+                     .commits = (double)st.wal.commits,
+                     .wal_raw = (double)st.wal.raw_bytes,
+                     .wal_written = (double)st.wal.written_bytes,
+                     .pack_s = pack_s,
+                     .frame_bytes = frame_bytes};
     if (twn_shard_close(s, &err)) goto fail;
-    twn_free(items);
-    twn_free(ids);
     return 0;
 fail:
-    fprintf(stderr, "%s\n", err.msg);
+    fprintf(stderr, "bench_index %s: %s\n", fsync_each ? "fsync" : "group", err.msg);
     return 1;
 }
 
-/* Runs fn in a child; returns its peak RSS in MB (negative on failure) and its RESULT value. */
-static double in_child(int which, const bench_case *c, const char *dir, double *result) {
-    int fds[2];
-    if (pipe(fds) != 0) return -1;
+/* Runs one mode in a child (results come back through a shared page); 0 and *r filled, or -1. */
+static int in_child(int mode, const bench_case *c, const bench_opts *o, const float *x,
+                    const char *dir, child_res *r) {
+    child_res *sh =
+        mmap(NULL, sizeof *sh, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (sh == MAP_FAILED) return -1;
+    memset(sh, 0, sizeof *sh);
     fflush(stdout);
     pid_t pid = fork();
     if (pid < 0) return -1;
     if (pid == 0) {
-        close(fds[0]);
-        dup2(fds[1], 1);
-        float *x = unit_vectors(c->n, c->dim, 1234);
-        int rc = which == 0 ? run_baseline(c, x) : run_shard(c, x, dir);
+        malloc_trim(0); /* the parent's freed heap would otherwise be reused without showing */
+        twn_faiss_thread_threads(o->threads);
+        int rc = mode == MODE_FAISS ? run_faiss(c, o, x, sh)
+                                    : run_shard(c, o, x, dir, mode == MODE_FSYNC, sh);
         fflush(stdout);
         _exit(rc);
     }
-    close(fds[1]);
-    FILE *f = fdopen(fds[0], "r");
-    char line[1024];
-    *result = 0;
-    while (fgets(line, sizeof line, f)) {
-        if (!strncmp(line, "RESULT ", 7))
-            *result = atof(strchr(line + 7, ' ') + 1);
-        else
-            fputs(line, stdout);
-    }
-    fclose(f);
     int st;
-    struct rusage ru;
-    if (wait4(pid, &st, 0, &ru) != pid || !WIFEXITED(st) || WEXITSTATUS(st) != 0) return -1;
-    return ru.ru_maxrss / 1024.0;
+    int ok = waitpid(pid, &st, 0) == pid && WIFEXITED(st) && WEXITSTATUS(st) == 0;
+    *r = *sh;
+    munmap(sh, sizeof *sh);
+    return ok ? 0 : -1;
+}
+
+static int rm_rf(const char *dir) {
+    char cmd[4200];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    return system(cmd) == 0 ? 0 : -1;
+}
+
+static double loadavg(void) {
+    double l = -1;
+    FILE *f = fopen("/proc/loadavg", "r");
+    if (f && fscanf(f, "%lf", &l) != 1) l = -1;
+    if (f) fclose(f);
+    return l;
+}
+
+static int run_case(bench_case *c, const bench_opts *o, int idx) {
+    parse_factory(c);
+    char dir[4096];
+    snprintf(dir, sizeof dir, "%s/shard-%d", o->work, idx);
+    printf("\n## D=%d %s N=%d, EmbeddingBatch of %d, group commit every %.0f ms, %d FAISS "
+           "thread(s); inputs %.0f MB float32 (load average %.2f)\n",
+           c->dim, c->factory, c->n, o->batch, o->commit_ms, o->threads, 4.0 * c->n * c->dim / 1e6,
+           loadavg());
+    double t0 = twn_now();
+    float *x = unit_vectors(c->n, c->dim, 1234);
+    printf("   (vectors made in %.1f s)\n", twn_now() - t0);
+    child_res r[N_MODES];
+    memset(r, 0, sizeof r);
+    for (int mode = 0; mode < N_MODES; mode++) {
+        if (rm_rf(dir)) return -1;
+        if (in_child(mode, c, o, x, dir, &r[mode])) {
+            fprintf(stderr, "bench_index: %s %s child failed\n", c->factory, mode_name[mode]);
+            return -1;
+        }
+        if (rm_rf(dir)) return -1;
+    }
+    twn_free(x);
+    malloc_trim(0);
+    char id[64];
+    item_id(id, sizeof id, c->n - 1);
+    double id_len = (double)strlen(id);
+    printf("| row | steady vec/s | ratio | overall vec/s (train incl.) | ratio | train / pause s "
+           "| unpack s | add s | commit s | commits / fsyncs | mean fsync ms | snapshot s | peak "
+           "MB at training / ingest / end |\n");
+    printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    for (int mode = 0; mode < N_MODES; mode++) {
+        const child_res *q = &r[mode];
+        printf("| %s | %.0f | %.2f | %.0f | %.2f | %.2f | %.2f | %.2f | %.2f | %.0f / %.0f | "
+               "%.2f | %.2f | %.1f / %.1f / %.1f |\n",
+               mode_name[mode], q->steady, r[0].steady > 0 ? q->steady / r[0].steady : 0,
+               q->overall, r[0].overall > 0 ? q->overall / r[0].overall : 0, q->train, q->unpack_s,
+               q->add_s, q->commit_s, q->commits, q->fsyncs, q->fsync_ms, q->snap_s,
+               q->hwm_train > 0 ? q->hwm_train - q->rss0 : 0, q->hwm_ingest - q->rss0,
+               q->hwm_end - q->rss0);
+    }
+    int max_centroids = c->nlist > (1 << c->nbits) ? c->nlist : 1 << c->nbits;
+    double af = autofaiss_index(c), ft = autofaiss_train(c, c->nlist ? 39.0 * max_centroids : 0);
+    double fa = faiss_actual(c), N = c->n;
+    double d_faiss = r[0].hwm_end - r[0].rss0, d_group = r[1].hwm_end - r[1].rss0;
+    double d_group_ingest = r[1].hwm_ingest - r[1].rss0;
+    printf("memory (MB; peak VmHWM minus VmRSS at the child's start, inputs excluded):\n");
+    printf("  FAISS alone: %.1f MB = %.0f B/vector | autofaiss index estimate %.1f MB (%.0f "
+           "B/vector)%s | FAISS's own structures %.1f MB (%.0f B/vector) | autofaiss training "
+           "estimate %.1f MB\n",
+           d_faiss, 1e6 * d_faiss / N, af / 1e6, af / N, af < 0 ? " (type not modelled)" : "",
+           fa / 1e6, fa / N, ft / 1e6);
+    printf("  twn shard (group): %.1f MB = %.0f B/vector during ingest, %.1f MB = %.0f B/vector "
+           "with the snapshot | store minimum %.0f B/vector (%.1f MB) | shard - FAISS = %.0f "
+           "B/vector\n",
+           d_group_ingest, 1e6 * d_group_ingest / N, d_group, 1e6 * d_group / N,
+           store_per_item(c, id_len), store_per_item(c, id_len) * N / 1e6,
+           1e6 * (d_group - d_faiss) / N);
+    printf("  twn shard (fsync): %.1f MB peak; WAL %.1f MB raw -> %.1f MB written; gate frames "
+           "%.1f MB for %.1f MB of vectors, packed in %.2f s (gate side, not timed above)\n",
+           r[2].hwm_end - r[2].rss0, r[1].wal_raw / 1e6, r[1].wal_written / 1e6,
+           r[1].frame_bytes / 1e6, 4.0 * c->n * c->dim / 1e6, r[1].pack_s);
+    fflush(stdout);
+    return 0;
 }
 
 int main(int argc, char **argv) {
-    const char *work = argc > 1 ? argv[1] : "bench-index-tmp";
-    double scale = argc > 2 ? atof(argv[2]) : 1.0;
-    if (scale <= 0) scale = 1;
-    const bench_case cases[] = {
-        {2048, "Flat", 20000, 0, 0, 0},
-        {2048, "IVF256,PQ64", 20000, 64, 8, 256},
-        {256, "Flat", 100000, 0, 0, 0},
-        {256, "IVF1024,PQ32", 100000, 32, 8, 1024},
-    };
-    printf("bench_index: batches of %d, OMP_NUM_THREADS=%s, workdir %s\n", BATCH,
-           getenv("OMP_NUM_THREADS") ? getenv("OMP_NUM_THREADS") : "(default)", work);
-    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
-        bench_case c = cases[i];
-        if (argc > 3 && strcmp(argv[3], c.factory)) continue;
-        c.n = (int)(c.n * scale);
-        char dir[4096];
-        snprintf(dir, sizeof dir, "%s/shard-%zu", work, i);
-        char cmd[4200];
-        snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
-        if (system(cmd) != 0) return 1;
-        printf("\nD=%d %s N=%d (inputs %.0f MB float32)\n", c.dim, c.factory, c.n,
-               4.0 * c.n * c.dim / 1e6);
-        double base = 0, shard = 0;
-        double rss_b = in_child(0, &c, dir, &base);
-        double rss_s = in_child(1, &c, dir, &shard);
-        if (rss_b < 0 || rss_s < 0) {
-            fprintf(stderr, "bench_index: a child failed\n");
-            return 1;
+    bench_opts o = {.work = "bench-index-tmp", .batch = 32, .commit_ms = 5, .threads = 1};
+    int dim = 1024, opt;
+    while ((opt = getopt(argc, argv, "w:D:b:c:t:")) != -1) {
+        switch (opt) {
+        case 'w':
+            o.work = optarg;
+            break;
+        case 'D':
+            dim = atoi(optarg);
+            break;
+        case 'b':
+            o.batch = atoi(optarg);
+            break;
+        case 'c':
+            o.commit_ms = atof(optarg);
+            break;
+        case 't':
+            o.threads = atoi(optarg);
+            break;
+        default:
+            fprintf(stderr, "usage: bench_index [-w WORKDIR] [-D DIM] [-b BATCH] [-c COMMIT_MS] "
+                            "[-t FAISS_THREADS] [FACTORY:N ...]\n");
+            return 2;
         }
-        printf("    ratio shard/baseline add rate: %.2f\n", base > 0 ? shard / base : 0.0);
-        printf("    peak RSS: baseline %.0f MB, shard %.0f MB; formula: index %.0f MB (%s), "
-               "store %.0f MB, inputs %.0f MB\n",
-               rss_b, rss_s, formula_index(&c) / 1e6, c.m ? "N(m+8)+4D·nlist+4D·256" : "4DN",
-               formula_store(&c) / 1e6, 4.0 * c.n * c.dim / 1e6);
-        if (system(cmd) != 0) return 1;
+    }
+    if (dim <= 0 || o.batch <= 0 || o.commit_ms < 0 || o.threads <= 0) {
+        fprintf(stderr, "bench_index: -D, -b and -t must be positive, -c >= 0\n");
+        return 2;
+    }
+    const char *defaults[] = {"Flat:200000", "IVF256,PQ64:200000", "HNSW32:20000"};
+    int nc = argc - optind;
+    const char *const *spec = nc ? (const char *const *)argv + optind : defaults;
+    if (!nc) nc = 3;
+    printf("bench_index: D=%d, workdir %s, load average %.2f\n", dim, o.work, loadavg());
+    for (int i = 0; i < nc; i++) {
+        char fac[256];
+        snprintf(fac, sizeof fac, "%s", spec[i]);
+        char *colon = strrchr(fac, ':');
+        bench_case c = {.factory = fac, .dim = dim, .n = colon ? atoi(colon + 1) : 100000};
+        if (colon) *colon = 0;
+        if (c.n <= 0) {
+            fprintf(stderr, "bench_index: \"%s\": expected FACTORY:N with N > 0\n", spec[i]);
+            return 2;
+        }
+        if (run_case(&c, &o, i)) return 1;
     }
     char cmd[4200];
-    snprintf(cmd, sizeof cmd, "rmdir '%s' 2>/dev/null", work);
+    snprintf(cmd, sizeof cmd, "rmdir '%s' 2>/dev/null", o.work);
     if (system(cmd)) { /* not empty or not ours: leave it */
     }
     return 0;

@@ -20,6 +20,8 @@
 #include "cli/commands.h"
 #include "cli/observe.h"
 #include "cli/rolecfg.h"
+#include "common/prefetch.h"
+#include "index/outdir_s3.h"
 #include "util/fileio.h"
 #include "util/mem.h"
 #include "worker/worker.h"
@@ -75,6 +77,24 @@ static int run_role(role_kind role, int argc, char **argv) {
         status = 2;
         goto done;
     }
+    /* job.out = s3://...: the coordinator stages its journal and dead letters in the directory of
+     * coordinator.journal, an indexer its shard in indexer.dir (both local); at the end an indexer
+     * uploads its shard's final snapshot to <job.out>/shard-NNNNN/ (manifest last) and the
+     * coordinator the dead letters to <job.out>/dead_letter.jsonl (index/outdir_s3.h). */
+    const char *out_uri = twn_s3_is_uri(c->job.out) ? c->job.out : NULL;
+    const char *local_key = role == ROLE_COORDINATOR ? "coordinator.journal"
+                            : role == ROLE_INDEXER   ? "indexer.dir"
+                                                     : NULL;
+    const char *local = role == ROLE_COORDINATOR ? c->coordinator.journal : c->indexer.dir;
+    if (out_uri && local_key && twn_s3_is_uri(local)) {
+        fprintf(stderr,
+                "%s: job.out is %s: set %s to a local %s; the %s is staged there and uploaded "
+                "at the end\n",
+                prog, out_uri, local_key, role == ROLE_INDEXER ? "directory" : "file",
+                role == ROLE_INDEXER ? "shard" : "journal (and the dead letters beside it)");
+        status = 2;
+        goto done;
+    }
 
     char id[192], host[64] = "";
     gethostname(host, sizeof host - 1);
@@ -97,8 +117,27 @@ static int run_role(role_kind role, int argc, char **argv) {
         cc.zctx = zctx;
         cc.stop = &g_stop;
         twn_coord_summary sum;
-        if (!(rc = twn_mkdirs(c->job.out, &err)) && !(rc = twn_coord_run(&cc, &sum, &err)))
+        char *stage = out_uri ? twn_path_dirname(c->coordinator.journal) : NULL, stage_dl[4200];
+        if (stage) {
+            snprintf(stage_dl, sizeof stage_dl, "%s/dead_letter.jsonl", stage);
+            if (twn_s3_is_uri(cc.dead_letter_path)) cc.dead_letter_path = stage_dl;
+        }
+        if (!(rc = twn_mkdirs(stage ? stage : c->job.out, &err)) &&
+            !(rc = twn_coord_run(&cc, &sum, &err)))
             twn_cli_print_summary(stdout, &sum);
+        if (!rc && stage && cc.dead_letter_path == stage_dl && !access(stage_dl, R_OK)) {
+            char uri[4200];
+            size_t n = strlen(out_uri);
+            snprintf(uri, sizeof uri, "%s%sdead_letter.jsonl", out_uri,
+                     n && out_uri[n - 1] == '/' ? "" : "/");
+            twn_s3 *s3 = NULL;
+            unsigned long long sent = 0;
+            if (!(rc = twn_s3_open(&j.io.s3, &s3, &err)) &&
+                !(rc = twn_outdir_upload_file(stage_dl, s3, uri, &sent, &err)))
+                printf("uploaded %llu bytes to %s\n", sent, uri);
+            twn_s3_close(s3);
+        }
+        twn_free(stage);
         break;
     }
     case ROLE_INDEXER: {
@@ -111,6 +150,16 @@ static int run_role(role_kind role, int argc, char **argv) {
         rc = twn_mkdirs(parent, &err);
         twn_free(parent);
         if (!rc) rc = twn_indexer_run(&ic, &err);
+        if (!rc && out_uri && !g_signal) { /* the final snapshot is written: publish it */
+            twn_s3 *s3 = NULL;
+            unsigned long long sent = 0;
+            if (!(rc = twn_s3_open(&j.io.s3, &s3, &err)) &&
+                !(rc = twn_outdir_upload_shard(c->indexer.dir, (int)c->indexer.shard, s3, out_uri,
+                                               &sent, &err)))
+                printf("uploaded %llu bytes to %s%sshard-%05d/\n", sent, out_uri,
+                       out_uri[strlen(out_uri) - 1] == '/' ? "" : "/", (int)c->indexer.shard);
+            twn_s3_close(s3);
+        }
         break;
     }
     default: {
@@ -119,7 +168,11 @@ static int run_role(role_kind role, int argc, char **argv) {
         rc_.zctx = zctx;
         rc_.id = id;
         rc_.stop = &g_stop;
+        /* s3.readers > 1: a gate reads the units it holds leases for ahead (common/prefetch.h) */
+        twn_prefetch *pool = role == ROLE_GATE ? twn_cli_prefetch_open(&j, prog) : NULL;
+        rc_.prefetch = pool;
         rc = role == ROLE_GATE ? twn_gate_run(&rc_, &err) : twn_worker_run(&rc_, &err);
+        twn_prefetch_close(pool);
         break;
     }
     }

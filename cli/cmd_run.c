@@ -12,6 +12,7 @@
 #include "cli/commands.h"
 #include "cli/observe.h"
 #include "cli/rolecfg.h"
+#include "common/prefetch.h"
 #include "coordinator/service.h"
 #include "index/outdir_s3.h"
 #include "index/service.h"
@@ -130,6 +131,8 @@ int twn_cmd_run(int argc, char **argv) {
     char **ids = twn_calloc(n_jobs, sizeof *ids);
     char **dirs = twn_calloc((size_t)shards, sizeof *dirs);
     const char *control = "inproc://twn-control";
+    /* s3.readers > 1: the gates' S3 read-ahead pool, one per process (common/prefetch.h) */
+    twn_prefetch *pool = twn_cli_prefetch_open(&J, "twn run");
     twn_coord_cfg cc;
     twn_cli_coord_cfg(&J, &cc);
     cc.zctx = zctx;
@@ -182,6 +185,7 @@ int twn_cmd_run(int argc, char **argv) {
         j->rc.null_dim = dim;
         j->rc.stop = &g_stop;
         j->rc.io = &io;
+        if (g < gates) j->rc.prefetch = pool;
     }
     /* Indexers first (they bind the shard endpoints), then the coordinator, then the rest. */
     for (size_t i = 1; i <= (size_t)shards; i++) pthread_create(&th[i], NULL, job_main, &jobs[i]);
@@ -222,6 +226,7 @@ int twn_cmd_run(int argc, char **argv) {
         usleep(10000);
     }
     for (size_t i = (size_t)shards + 1; i < n_jobs; i++) pthread_join(th[i], NULL);
+    twn_prefetch_close(pool);
     int status = 0;
     for (size_t i = 0; i < n_jobs; i++) {
         if (jobs[i].status && forced && jobs[i].kind >= 2 && !jobs[0].status) {

@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "cli/backend_opt.h"
+#include "common/prefetch.h"
 #include "engine/config.h"
 #include "engine/manifest.h"
 #include "util/fileio.h"
@@ -167,6 +168,20 @@ void twn_cli_role_cfg(const twn_cli_job *j, int worker, twn_role_cfg *rc) {
     rc->max_message_bytes = (size_t)c->limits.max_message_bytes;
     rc->connect_timeout_s = (double)c->coordinator.connect_timeout_ms / 1000.0;
     rc->shard_credits = (int)c->indexer.credits; /* each side queues this many (gate.h) */
+}
+
+struct twn_prefetch *twn_cli_prefetch_open(const twn_cli_job *j, const char *prog) {
+    const twn_conf *c = &j->conf;
+    int s3 = 0;
+    for (size_t i = 0; i < c->job.inputs.n; i++) s3 |= !strncmp(c->job.inputs.v[i], "s3://", 5);
+    if (!s3 || c->s3.readers <= 1) return NULL;
+    twn_prefetch *pool = NULL;
+    twn_err err = {{0}};
+    if (twn_prefetch_open(&j->io.s3, (int)c->s3.readers, 0, &pool, &err)) {
+        twn_log(TWN_LOG_WARN, "%s: no S3 read-ahead: %s", prog, err.msg);
+        return NULL;
+    }
+    return pool;
 }
 
 void twn_cli_indexer_cfg(const twn_cli_job *j, int shard, twn_indexer_cfg *ic) {

@@ -126,9 +126,9 @@ static const twn_conf_key keys[] = {
     INT("indexer.credits", indexer.credits, "8", 1, 65536,
         "embedding batches queued per sender and shard, on each side (ZMQ HWM flow control)"),
 
-    STR("metrics.listen", metrics.listen, "",
+    STR("metrics.listen", metrics.listen, "127.0.0.1:0",
         "host:port of the HTTP server for /metrics (and the coordinator's status page); port 0 "
-        "picks a free one (logged); empty = off"),
+        "picks a free one (logged); no host = 127.0.0.1; empty = off"),
     INT("metrics.linger_ms", metrics.linger_ms, "0", 0, 3600000,
         "keep /metrics and the status page up this long after the job ends (a last scrape)"),
 
@@ -162,7 +162,10 @@ static const twn_conf_key keys[] = {
     ENUM(
         "s3.path_style", s3.path_style, "auto", "auto|true|false",
         "bucket in the path (true) or in the host name (false); auto: path style with an endpoint"),
-    INT("s3.readers", s3.readers, "8", 1, 256, "parallel ranged GETs per reading process"),
+    INT("s3.readers", s3.readers, "8", 1, 256,
+        "S3 readers per gate process: units leased behind the current one are fetched ahead by "
+        "this many threads, each with its own connection (1 = no read-ahead; only started for "
+        "s3:// inputs)"),
     SECRET("s3.access_key_id", s3.access_key_id, "empty: $AWS_ACCESS_KEY_ID"),
     SECRET("s3.secret_access_key", s3.secret_access_key, "empty: $AWS_SECRET_ACCESS_KEY"),
     SECRET("s3.session_token", s3.session_token, "empty: $AWS_SESSION_TOKEN"),

@@ -357,6 +357,19 @@ fail:
     return -1;
 }
 
+int twn_srcio_reader_open_blob(twn_blob *b, const twn_src_unit *u, const twn_src_opts *o,
+                               twn_srcio_reader **out, twn_err *err) {
+    *out = NULL;
+    twn_srcio_reader *r = twn_calloc(1, sizeof *r);
+    r->b = b;
+    if (twn_src_reader_open(b, u, o, &r->r, err)) {
+        twn_srcio_reader_close(r);
+        return -1;
+    }
+    *out = r;
+    return 0;
+}
+
 int twn_srcio_reader_next(twn_srcio_reader *r, twn_src_item *it, twn_err *err) {
     return r->kr ? twn_kafka_reader_next(r->kr, it, err) : twn_src_reader_next(r->r, it, err);
 }
@@ -456,6 +469,13 @@ int twn_srcio_fetch_images(twn_srcio *io, twn_src_item *it, twn_err *err) {
                                strerror(errno));
         if (!S_ISREG(st.st_mode))
             return twn_err_set(err, "item '%s': image '%s' is not a regular file", id, im->path);
+        /* the same limit as an s3:// image or a tar member: never loaded */
+        if ((uint64_t)st.st_size > io->cfg.max_image_bytes)
+            return twn_err_set(err,
+                               "item '%s': image '%s' is %llu bytes; the limit is %zu "
+                               "(limits.max_item_bytes)",
+                               id, im->path, (unsigned long long)st.st_size,
+                               io->cfg.max_image_bytes);
     }
     return 0;
 }

@@ -36,7 +36,7 @@ typedef struct twn_srcio_cfg {
     twn_s3_config s3;       /* endpoint/region/credentials; NULL fields: the AWS_* variables */
     twn_kafka_config kafka; /* brokers (required for kafka:// inputs), group (coordinator only:
                                planning from and committing the group's offsets) */
-    size_t max_image_bytes; /* an s3:// image larger than this is a bad item (64 MiB) */
+    size_t max_image_bytes; /* an s3:// or local image larger than this is a bad item (64 MiB) */
     char **owned;           /* what twn_srcio_cfg_from_conf allocated (kafka.props) */
 } twn_srcio_cfg;
 
@@ -108,6 +108,10 @@ typedef struct twn_srcio_reader twn_srcio_reader;
  * cannot be opened, -1 (the caller rejects the whole unit with err). */
 int twn_srcio_reader_open(twn_srcio *io, const twn_src_unit *u, const twn_src_opts *o,
                           twn_srcio_reader **out, twn_err *err);
+/* The same over a blob the caller opened for u's file or object (a prefetched window,
+ * common/prefetch.h).  The reader owns b: it is closed with the reader, or here on failure. */
+int twn_srcio_reader_open_blob(twn_blob *b, const twn_src_unit *u, const twn_src_opts *o,
+                               twn_srcio_reader **out, twn_err *err);
 /* As twn_src_reader_next: 1 item (check it->fault), 0 done, -1 the rest cannot be read. */
 int twn_srcio_reader_next(twn_srcio_reader *r, twn_src_item *it, twn_err *err);
 void twn_srcio_reader_close(twn_srcio_reader *r);

@@ -188,6 +188,8 @@ const char *twn_msg_name(const Twn__Envelope *env) {
         return "Progress";
     case TWN__ENVELOPE__BODY_SHUTDOWN:
         return "Shutdown";
+    case TWN__ENVELOPE__BODY_FINISHED:
+        return "Finished";
     default:
         return "(unknown)";
     }

@@ -540,6 +540,13 @@ int twn_cstate_finish(twn_cstate *c, twn_lease_id lease, double now, twn_err *er
     return twn_leases_finish(pool_of(c, lease), lease, now, err);
 }
 
+int twn_cstate_release(twn_cstate *c, twn_lease_id lease, twn_err *err) {
+    if (check_failed(c, err)) return -1;
+    int r = twn_leases_release(pool_of(c, lease), lease, err);
+    if (r == 1 && check_failed(c, err)) return -1; /* a poisoned ref's journal record failed */
+    return r;
+}
+
 int twn_cstate_renew(twn_cstate *c, twn_lease_id lease, double now, twn_err *err) {
     if (check_failed(c, err)) return -1;
     return twn_leases_renew(pool_of(c, lease), lease, now, err);

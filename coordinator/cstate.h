@@ -137,6 +137,10 @@ int twn_cstate_ack_range(twn_cstate *c, uint64_t unit, uint32_t lo, uint32_t hi,
 /* The holder of a lease finished its part.  1: done; 0: the lease had already ended (a late
  * message; harmless); -1: an id this coordinator never issued. */
 int twn_cstate_finish(twn_cstate *c, twn_lease_id lease, double now, twn_err *err);
+/* The holder gave the lease up past its deadline (Finished.abandoned: its results were dropped):
+ * the lease ends now as an expiry, its work goes back to the front of its queue, or is
+ * dead-lettered ("lease expired N times") when that was its last attempt.  Same return values. */
+int twn_cstate_release(twn_cstate *c, twn_lease_id lease, twn_err *err);
 /* Extends one lease (same return values). */
 int twn_cstate_renew(twn_cstate *c, twn_lease_id lease, double now, twn_err *err);
 /* A heartbeat from a worker: renews all of its active leases. */

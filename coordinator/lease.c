@@ -430,6 +430,17 @@ size_t twn_leases_worker_dead(twn_leases *l, uint32_t worker_id) {
     return ended;
 }
 
+int twn_leases_release(twn_leases *l, twn_lease_id id, twn_err *err) {
+    uint32_t slot = 0;
+    int r = twn_leases_resolve(l, id, &slot, err);
+    if (r == 0) l->st.late++;
+    if (r != 1) return r;
+    end_lease(l, slot);
+    l->st.expired++;
+    l->st.released++;
+    return 1;
+}
+
 size_t twn_leases_expire(twn_leases *l, double now) {
     if (now < l->earliest) return 0;
     size_t ended = 0;

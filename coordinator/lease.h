@@ -21,7 +21,10 @@
  *
  * A lease is ACTIVE (the holder is working; heartbeats renew it) until the holder says it has
  * finished its part (twn_leases_finish); then it waits at most ack_timeout_s for the downstream
- * acks (the index shards') that settle its refs, and heartbeats no longer extend it.
+ * acks (the index shards') that settle its refs, and heartbeats no longer extend it.  A holder
+ * that gives a lease up instead (past its deadline, results dropped) releases it
+ * (twn_leases_release): it ends at once, as an expiry.  So every ref that still needs work is
+ * always queued, or held by a lease with a deadline that only its holder's heartbeats extend.
  *
  * Time is a double in seconds passed in by the caller (no hidden clock), so tests are exact.
  * Worker ids are small integers (< TWN_LEASE_MAX_WORKERS) that the caller assigns. */
@@ -72,6 +75,7 @@ typedef struct twn_lease_grant {
 /* Why a lease ended without being settled, for counters. */
 typedef struct twn_lease_stats {
     uint64_t granted, closed, expired, worker_deaths, requeued, poisoned, dropped, late;
+    uint64_t released; /* of the expired: given up by their holder (twn_leases_release) */
 } twn_lease_stats;
 
 typedef struct twn_leases twn_leases;
@@ -101,6 +105,11 @@ int twn_leases_resolve(const twn_leases *l, twn_lease_id id, uint32_t *slot, twn
 /* The holder of lease id finished its part; its refs now have ack_timeout_s to settle.
  * Returns twn_leases_resolve's value. */
 int twn_leases_finish(twn_leases *l, twn_lease_id id, double now, twn_err *err);
+/* The holder gave the lease up (past its deadline, it dropped its results): ends it now as an
+ * expiry, so its unsettled refs are queued again at the front (or poisoned after max_attempts)
+ * instead of waiting ack_timeout_s for acks that will not come.  Returns twn_leases_resolve's
+ * value (0 for a lease that already ended: a late message, harmless). */
+int twn_leases_release(twn_leases *l, twn_lease_id id, twn_err *err);
 /* Renews one active lease: deadline = now + lease_s.  Returns twn_leases_resolve's value. */
 int twn_leases_renew(twn_leases *l, twn_lease_id id, double now, twn_err *err);
 /* A heartbeat from worker: renews every ACTIVE lease it holds; returns how many. */

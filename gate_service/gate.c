@@ -7,6 +7,7 @@
 #include <string.h>
 #include <zmq.h>
 
+#include "common/prefetch.h"
 #include "gate_service/null_engine.h"
 #include "gate_service/role_metrics.h"
 #include "util/clock.h"
@@ -35,9 +36,25 @@ static void unlock(const twn_role_conn *c) {
     if (c->mu_init) pthread_mutex_unlock(&((twn_role_conn *)c)->mu);
 }
 
+/* Sends to the coordinator wait at most this long per try (the DEALER's ZMQ_SNDTIMEO) and are
+ * retried until they go or cfg->stop: a DEALER with no coordinator behind it (its ROUTER closed
+ * at the end of the job while this role was busy and so counted as gone, or a coordinator being
+ * restarted) would otherwise hold this thread in zmq_msg_send forever, past the stop flag. */
+#define ROLE_SEND_TRY_MS 100
+
 int twn_role_send(twn_role_conn *c, Twn__Envelope *env, twn_err *err) {
     lock(c);
-    int rc = twn_send_msg(c->dealer, NULL, env, &c->fo, err);
+    int rc;
+    for (;;) {
+        errno = 0;
+        rc = twn_send_msg(c->dealer, NULL, env, &c->fo, err);
+        if (!rc || errno != EAGAIN) break;
+        if (c->cfg->stop && *c->cfg->stop) {
+            rc = twn_err_set(err, "%s: stopped while the coordinator at %s took no %s", c->cfg->id,
+                             c->cfg->control, twn_msg_name(env));
+            break;
+        }
+    }
     if (!rc) c->last_sent = twn_now();
     unlock(c);
     return rc;
@@ -123,7 +140,7 @@ int twn_role_connect(twn_role_conn *c, const twn_role_cfg *cfg, int role, int di
     twn_sock_opts so = twn_sock_opts_default();
     so.linger_ms = 0;
     so.routing_id = cfg->id;
-    so.sndtimeo_ms = -1;
+    so.sndtimeo_ms = ROLE_SEND_TRY_MS;
     so.max_msg_bytes = twn_wire_limit(&c->fo);
     if (!(c->dealer = twn_sock_new(cfg->zctx, ZMQ_DEALER, &so, err)) ||
         twn_curve_client(c->dealer, cfg->control, cfg->curve, err) ||
@@ -226,6 +243,11 @@ void twn_role_close(twn_role_conn *c) {
     twn_free(c->rej);
     twn_free(c->refs);
     twn_free(c->srcs);
+    for (size_t i = 0; i < c->n_stash; i++) twn_msg_free(c->stash[i]);
+    twn_free(c->stash);
+    for (size_t i = 0; i < c->n_pf; i++) twn_prefetch_drop(c->pf[i]);
+    twn_free(c->pf);
+    twn_free(c->pf_lease);
     twn_srcio_close(c->io);
     if (c->dealer) twn_sock_close(c->dealer);
     if (c->mu_init) pthread_mutex_destroy(&c->mu);
@@ -406,9 +428,10 @@ int twn_role_flush(twn_role_conn *c, uint64_t unit, twn_err *err) {
     return rc;
 }
 
-int twn_role_finished(twn_role_conn *c, uint64_t lease, twn_err *err) {
+static int send_finished(twn_role_conn *c, uint64_t lease, int abandoned, twn_err *err) {
     Twn__Finished f = TWN__FINISHED__INIT;
     f.lease_id = lease;
+    f.abandoned = abandoned != 0;
     Twn__Envelope env = TWN__ENVELOPE__INIT;
     env.body_case = TWN__ENVELOPE__BODY_FINISHED;
     env.finished = &f;
@@ -422,6 +445,10 @@ int twn_role_finished(twn_role_conn *c, uint64_t lease, twn_err *err) {
     env2.work_request = &w;
     c->active = 0;
     return twn_role_send(c, &env2, err);
+}
+
+int twn_role_finished(twn_role_conn *c, uint64_t lease, twn_err *err) {
+    return send_finished(c, lease, 0, err);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -527,8 +554,10 @@ static int gate_batch(twn_role_conn *c, const twn_src_unit *u, twn_src_item *ite
     return rc;
 }
 
-/* Gives up an overdue lease: its buffered outputs are dropped, and Finished (harmless for a lease
- * the coordinator has ended) returns the credit. */
+/* Gives up an overdue lease: its buffered outputs are dropped, and Finished with abandoned set
+ * returns the credit and tells the coordinator to lease the work again now (a lease it still
+ * held would otherwise wait ack_timeout for acks that never come; for one it has ended already
+ * the message is late and harmless). */
 int twn_role_abandon(twn_role_conn *c, const char *what, uint64_t id, uint64_t lease,
                      twn_err *err) {
     twn_log(TWN_LOG_WARN,
@@ -539,7 +568,7 @@ int twn_role_abandon(twn_role_conn *c, const char *what, uint64_t id, uint64_t l
     for (uint32_t s = 0; s < c->shards; s++) c->n_emb[s] = 0;
     c->n_hard = c->n_rej = c->n_refs = 0;
     c->abandoned = 0;
-    return twn_role_finished(c, lease, err);
+    return send_finished(c, lease, 1, err);
 }
 
 static void beat_while_waiting(void *user) {
@@ -574,23 +603,107 @@ static int reject_rest(twn_role_conn *c, const twn_src_unit *u, uint64_t from, c
     return twn_role_flush(c, u->id, err);
 }
 
+// ------------------------------------------------------------------------------------------------
+// Read-ahead (twn_role_cfg.prefetch): the units of the leases queued behind the current one are
+// fetched by the process's pool while this gate works
+
+/* The fetch of lease `lease`'s unit, taken out of c->pf (NULL: none). */
+static twn_prefetch_job *pf_take(twn_role_conn *c, uint64_t lease) {
+    for (size_t i = 0; i < c->n_pf; i++) {
+        if (c->pf_lease[i] != lease) continue;
+        twn_prefetch_job *j = c->pf[i];
+        c->n_pf--;
+        c->pf[i] = c->pf[c->n_pf];
+        c->pf_lease[i] = c->pf_lease[c->n_pf];
+        return j;
+    }
+    return NULL;
+}
+
+static int stashed_lease(const twn_role_conn *c, uint64_t lease) {
+    for (size_t k = 0; k < c->n_stash; k++)
+        if (c->stash[k]->body_case == TWN__ENVELOPE__BODY_UNIT_LEASE &&
+            c->stash[k]->unit_lease->lease_id == lease)
+            return 1;
+    return 0;
+}
+
+/* Moves what waits on the DEALER (without waiting) to the stash, drops the fetches of leases no
+ * longer queued, and starts fetching the units of the queued leases (at most credits). */
+static void prefetch_ahead(twn_role_conn *c) {
+    const twn_role_cfg *cfg = c->cfg;
+    lock(c);
+    for (;;) {
+        Twn__Envelope *m = NULL;
+        twn_err e;
+        twn_recv_status s = twn_recv_msg(c->dealer, 0, &c->fo, NULL, &m, &e);
+        if (s == TWN_RECV_BAD) continue; /* consumed, as twn_role_serve would have */
+        if (s != TWN_RECV_MSG) break;    /* nothing more (a failure: twn_role_serve sees it) */
+        if (c->n_stash == c->cap_stash) {
+            c->cap_stash = c->cap_stash ? 2 * c->cap_stash : 8;
+            c->stash = twn_realloc(c->stash, c->cap_stash * sizeof *c->stash);
+        }
+        c->stash[c->n_stash++] = m;
+    }
+    unlock(c);
+    for (size_t i = 0; i < c->n_pf;) {
+        if (stashed_lease(c, c->pf_lease[i]))
+            i++;
+        else
+            twn_prefetch_drop(pf_take(c, c->pf_lease[i]));
+    }
+    size_t most = cfg->credits ? cfg->credits : 1;
+    for (size_t k = 0; k < c->n_stash && c->n_pf < most; k++) {
+        const Twn__Envelope *m = c->stash[k];
+        if (m->body_case != TWN__ENVELOPE__BODY_UNIT_LEASE) continue;
+        const Twn__UnitLease *l = m->unit_lease;
+        int have = 0;
+        for (size_t i = 0; i < c->n_pf; i++) have |= c->pf_lease[i] == l->lease_id;
+        twn_src_unit u;
+        twn_err e;
+        if (have || twn_srcio_unit_from_proto(l->unit_id, l->source, &u, &e)) continue;
+        twn_prefetch_job *j = twn_prefetch_start(cfg->prefetch, &u);
+        twn_free(u.path);
+        if (!j) continue; /* not an S3 unit, or the pool's byte bound is reached */
+        c->pf = twn_realloc(c->pf, (c->n_pf + 1) * sizeof *c->pf);
+        c->pf_lease = twn_realloc(c->pf_lease, (c->n_pf + 1) * sizeof *c->pf_lease);
+        c->pf[c->n_pf] = j;
+        c->pf_lease[c->n_pf++] = l->lease_id;
+    }
+}
+
 static int gate_unit(twn_role_conn *c, const Twn__UnitLease *l, twn_err *err) {
     const twn_role_cfg *cfg = c->cfg;
     twn_src_unit u;
     twn_err e;
     c->active = l->unit_id;
+    twn_prefetch_job *pf = pf_take(c, l->lease_id);
+    if (cfg->prefetch) prefetch_ahead(c); /* the next units are fetched while this one is worked */
     twn_role_lease_begin(c, l->deadline_unix_ms, l->lease_ms);
     if (twn_role_lease_overdue(c) > 0) { /* it waited in our queue past its deadline */
+        twn_prefetch_drop(pf);
         c->abandoned = 1;
         return abandon(c, l->unit_id, l->lease_id, err);
     }
     if (twn_srcio_unit_from_proto(l->unit_id, l->source, &u, &e)) {
+        twn_prefetch_drop(pf);
         twn_log(TWN_LOG_WARN, "%s: unit %llu: %s", cfg->id, (unsigned long long)l->unit_id, e.msg);
         return twn_role_finished(c, l->lease_id, err); /* the lease expires into dead letters */
     }
     int rc = 0;
     twn_srcio_reader *r = NULL;
-    if (twn_role_io(c, &e) || twn_srcio_reader_open(c->io, &u, &cfg->src, &r, &e)) {
+    twn_blob *pb = NULL; /* the prefetched window (NULL: read the ordinary way) */
+    if (!twn_role_io(c, &e) && pf) {
+        twn_s3 *s3 = NULL; /* reads outside the window (a unit larger than the pool's room) */
+        twn_err e2;
+        if (twn_srcio_s3(c->io, &s3, &e2)) s3 = NULL;
+        while (!twn_prefetch_wait(pf, 0.01)) prefetch_ahead(c); /* leases that came meanwhile */
+        pb = twn_prefetch_take(pf, s3);
+        pf = NULL;
+    }
+    twn_prefetch_drop(pf);
+    if (!c->io || (pb ? twn_srcio_reader_open_blob(pb, &u, &cfg->src, &r, &e)
+                      : twn_srcio_reader_open(c->io, &u, &cfg->src, &r, &e))) {
         rc = reject_rest(c, &u, u.first_index, e.msg, err);
         goto done;
     }
@@ -661,9 +774,15 @@ int twn_role_serve(const twn_role_cfg *cfg, int role, int body_case, twn_role_ha
         if (twn_role_beat(&c, err)) goto out;
         Twn__Envelope *m = NULL;
         twn_err e;
-        lock(&c); /* the pulse shares the DEALER */
-        twn_recv_status s = twn_recv_msg(c.dealer, 50, &c.fo, NULL, &m, &e);
-        unlock(&c);
+        twn_recv_status s = TWN_RECV_MSG;
+        if (c.n_stash) { /* taken early by the read-ahead: in order, before anything newer */
+            m = c.stash[0];
+            memmove(c.stash, c.stash + 1, --c.n_stash * sizeof *c.stash);
+        } else {
+            lock(&c); /* the pulse shares the DEALER */
+            s = twn_recv_msg(c.dealer, 50, &c.fo, NULL, &m, &e);
+            unlock(&c);
+        }
         if (s == TWN_RECV_FAIL) {
             twn_err_set(err, "%s: %s", cfg->id, e.msg);
             goto out;
@@ -697,6 +816,10 @@ int twn_role_serve(const twn_role_cfg *cfg, int role, int body_case, twn_role_ha
         }
         int bad = (int)m->body_case == body_case && handle(&c, m, err);
         twn_msg_free(m);
+        if (bad && cfg->stop && *cfg->stop) { /* the job is over: not this role's failure */
+            twn_log(TWN_LOG_INFO, "%s: stopped: %s", cfg->id, err->msg);
+            break;
+        }
         if (bad) goto out;
         if (stop) {
             role_bye(&c, "shutdown");

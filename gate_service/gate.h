@@ -45,6 +45,10 @@ typedef struct twn_role_cfg {
     /* tests: no pulse thread (twn_role_conn.pulse), heartbeats only between batches, so a slow
      * batch loses its lease as it would have before the pulse existed */
     int no_pulse;
+    /* gate: the process's S3 read-ahead pool (s3.readers > 1; common/prefetch.h), or NULL.  The
+     * units leased behind the current one (up to credits - 1) are fetched into memory by it
+     * while this gate works. */
+    struct twn_prefetch *prefetch;
 } twn_role_cfg;
 
 void twn_role_cfg_default(twn_role_cfg *c);
@@ -99,6 +103,14 @@ typedef struct twn_role_conn {
     size_t n_refs;
     twn_srcio *io;        /* the stores, opened on first use */
     twn_srcio_buf srcbuf; /* bucket / topic of the unit being read (its refs point here) */
+    /* Read-ahead (cfg->prefetch): messages taken off the DEALER early to find the queued leases,
+     * handled in order by twn_role_serve before it receives again; the fetches of those leases'
+     * units, by lease id. */
+    Twn__Envelope **stash;
+    size_t n_stash, cap_stash;
+    struct twn_prefetch_job **pf;
+    uint64_t *pf_lease;
+    size_t n_pf;
 } twn_role_conn;
 
 /* c->io (the stores: files, S3, Kafka), opened on first use, with heartbeats kept going while a
@@ -138,7 +150,7 @@ void twn_role_lease_begin(twn_role_conn *c, uint64_t deadline_unix_ms, uint32_t 
 /* Seconds the current lease is overdue by the estimate above (> 0: give it up), else <= 0. */
 double twn_role_lease_overdue(const twn_role_conn *c);
 /* Gives the current lease up: logs what (e.g. "unit", id), drops the buffered outputs, and sends
- * Finished + WorkRequest as after a normal end. */
+ * Finished (abandoned: the coordinator re-leases the work at once) + WorkRequest. */
 int twn_role_abandon(twn_role_conn *c, const char *what, uint64_t id, uint64_t lease, twn_err *err);
 
 /* A lease handler: does one leased piece of work (the envelope's body is of the served kind). */

@@ -78,34 +78,59 @@ int twn_outdir_upload(const char *dir, twn_s3 *s, const char *uri, twn_err *err)
     return rc;
 }
 
+int twn_outdir_upload_file(const char *path, twn_s3 *s, const char *uri, unsigned long long *bytes,
+                           twn_err *err) {
+    twn_s3_uri u;
+    if (twn_s3_uri_parse(uri, &u, err)) return -1;
+    int rc = u.key[0] ? upload_file(s, path, u.bucket, u.key, bytes, err)
+                      : twn_err_set(err,
+                                    "'%s' names a bucket, not an object; expected "
+                                    "s3://bucket/key",
+                                    uri);
+    twn_s3_uri_free(&u);
+    return rc;
+}
+
+/* The snapshot CURRENT names in shard_dir, to <u>/shard-NNNNN/. */
+static int upload_shard(const char *shard_dir, int shard, twn_s3 *s, const twn_s3_uri *u,
+                        unsigned long long *bytes, twn_err *err) {
+    char path[MAX_PATH], snap[MAX_PATH], key[MAX_PATH];
+    snprintf(path, sizeof path, "%s/CURRENT", shard_dir);
+    FILE *f = fopen(path, "r");
+    if (!f) return twn_err_errno(err, "%s: cannot open (the shard has no snapshot)", path);
+    char name[256] = "";
+    if (!fgets(name, sizeof name, f)) name[0] = 0;
+    fclose(f);
+    name[strcspn(name, "\r\n ")] = 0;
+    if (!name[0] || strchr(name, '/'))
+        return twn_err_set(err, "%s: '%s' is not a snapshot name", path, name);
+    snprintf(snap, sizeof snap, "%s/%s", shard_dir, name);
+    char sub[64];
+    snprintf(sub, sizeof sub, "shard-%05d/", shard);
+    join_key(key, sizeof key, u->key, sub);
+    twn_s3_uri su = {.bucket = u->bucket, .key = key};
+    return upload_dir(snap, s, &su, bytes, err);
+}
+
+int twn_outdir_upload_shard(const char *shard_dir, int shard, twn_s3 *s, const char *uri,
+                            unsigned long long *bytes, twn_err *err) {
+    twn_s3_uri u;
+    if (twn_s3_uri_parse(uri, &u, err)) return -1;
+    int rc = upload_shard(shard_dir, shard, s, &u, bytes, err);
+    twn_s3_uri_free(&u);
+    return rc;
+}
+
 int twn_outdir_upload_job(const char *out, int n_shards, twn_s3 *s, const char *uri,
                           unsigned long long *bytes, twn_err *err) {
     if (bytes) *bytes = 0;
     twn_s3_uri u;
     if (twn_s3_uri_parse(uri, &u, err)) return -1;
     int rc = 0;
-    char path[MAX_PATH], snap[MAX_PATH], key[MAX_PATH];
+    char path[MAX_PATH], key[MAX_PATH];
     for (int k = 0; k < n_shards && !rc; k++) {
-        snprintf(path, sizeof path, "%s/shard-%05d/CURRENT", out, k);
-        FILE *f = fopen(path, "r");
-        if (!f) {
-            rc = twn_err_errno(err, "%s: cannot open (the shard has no snapshot)", path);
-            break;
-        }
-        char name[256] = "";
-        if (!fgets(name, sizeof name, f)) name[0] = 0;
-        fclose(f);
-        name[strcspn(name, "\r\n ")] = 0;
-        if (!name[0] || strchr(name, '/')) {
-            rc = twn_err_set(err, "%s: '%s' is not a snapshot name", path, name);
-            break;
-        }
-        snprintf(snap, sizeof snap, "%s/shard-%05d/%s", out, k, name);
-        char sub[64];
-        snprintf(sub, sizeof sub, "shard-%05d/", k);
-        join_key(key, sizeof key, u.key, sub);
-        twn_s3_uri su = {.bucket = u.bucket, .key = key};
-        rc = upload_dir(snap, s, &su, bytes, err);
+        snprintf(path, sizeof path, "%s/shard-%05d", out, k);
+        rc = upload_shard(path, k, s, &u, bytes, err);
     }
     snprintf(path, sizeof path, "%s/dead_letter.jsonl", out);
     if (!rc && access(path, R_OK) == 0) {

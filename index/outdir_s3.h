@@ -21,6 +21,17 @@
  * a trailing '/' or not), manifest.json last.  A missing file fails before anything is sent. */
 int twn_outdir_upload(const char *dir, twn_s3 *s, const char *uri, twn_err *err);
 
+/* One local file to the object `uri` (s3://bucket/key), streamed as twn_outdir_upload does.
+ * *bytes (may be NULL) is increased by the bytes sent. */
+int twn_outdir_upload_file(const char *path, twn_s3 *s, const char *uri, unsigned long long *bytes,
+                           twn_err *err);
+
+/* One shard's directory `shard_dir` (CURRENT naming its snapshot) to "<uri>/shard-NNNNN/" with
+ * twn_outdir_upload: what a separate `twn indexer` process publishes after its final snapshot.
+ * *bytes (may be NULL) is increased by the bytes sent. */
+int twn_outdir_upload_shard(const char *shard_dir, int shard, twn_s3 *s, const char *uri,
+                            unsigned long long *bytes, twn_err *err);
+
 /* A finished job's output directory `out` (shard-NNNNN/CURRENT naming each shard's snapshot, and
  * dead_letter.jsonl) to uri: every shard's snapshot with twn_outdir_upload to
  * "<uri>/shard-NNNNN/", then the dead letters.  *bytes (may be NULL) receives the bytes sent. */

@@ -1,6 +1,7 @@
 /* service.c — the indexer loop (service.h). */
 #include "index/service.h"
 
+#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
@@ -38,13 +39,26 @@ typedef struct ixr {
     pend *p;
     size_t n, cap;
     int stalled;            /* test_stall_ms done */
+    int goodbye;            /* the last message: one try (see send) */
     twn_histogram *m_fsync; /* the indexer block of common/metrics.h */
     twn_counter *m_added, *m_rejected;
     twn_gauge *m_pending;
 } ixr;
 
+/* Acks must not be dropped, so a send waits until the coordinator takes it, but in tries of
+ * SEND_TRY_MS that look at cfg->stop: a coordinator that is gone (an inproc:// one that failed
+ * and closed its ROUTER leaves no pipe to queue on) must not hold this thread past stop. */
+#define SEND_TRY_MS 100
+
 static int send(ixr *x, Twn__Envelope *env, twn_err *err) {
-    return twn_send_msg(x->dealer, NULL, env, &x->fo, err);
+    for (;;) {
+        errno = 0;
+        int rc = twn_send_msg(x->dealer, NULL, env, &x->fo, err);
+        if (!rc || errno != EAGAIN || x->goodbye) return rc;
+        if (x->cfg->stop && *x->cfg->stop)
+            return twn_err_set(err, "%s: stopped while the coordinator at %s took no %s",
+                               x->cfg->id, x->cfg->control, twn_msg_name(env));
+    }
 }
 
 static int reject_batch(ixr *x, const Twn__EmbeddingBatch *b, const char *why, twn_err *err) {
@@ -219,7 +233,7 @@ int twn_indexer_run(const twn_indexer_cfg *cfg, twn_err *err) {
         twn_sock_bind(x.pull, cfg->bind ? cfg->bind : cfg->endpoint, NULL, 0, err))
         goto out;
     o.routing_id = cfg->id;
-    o.sndtimeo_ms = -1;
+    o.sndtimeo_ms = SEND_TRY_MS;
     if (!(x.dealer = twn_sock_new(cfg->zctx, ZMQ_DEALER, &o, err)) ||
         twn_curve_client(x.dealer, cfg->control, cfg->curve, err) ||
         twn_curve_watch(cfg->zctx, x.dealer, cfg->control, cfg->curve, err) ||
@@ -330,10 +344,11 @@ int twn_indexer_run(const twn_indexer_cfg *cfg, twn_err *err) {
         be.body_case = TWN__ENVELOPE__BODY_SHUTDOWN;
         be.shutdown = &sd;
         twn_err e2;
-        /* The DEALER blocks forever by default (acks must not be dropped), but a coordinator
-         * that has already gone (an inproc:// one that exited leaves no pipe to queue on) must
-         * not hold the indexer here: the goodbye gets one second. */
+        /* Sends are retried until stop (acks must not be dropped), but a coordinator that has
+         * already gone (an inproc:// one that exited leaves no pipe to queue on) must not hold
+         * the indexer here: the goodbye gets one try of one second. */
         int linger = 1000, sndtimeo = 1000;
+        x.goodbye = 1;
         zmq_setsockopt(x.dealer, ZMQ_LINGER, &linger, sizeof linger);
         zmq_setsockopt(x.dealer, ZMQ_SNDTIMEO, &sndtimeo, sizeof sndtimeo);
         if (send(&x, &be, &e2)) twn_log(TWN_LOG_DEBUG, "%s: goodbye not sent: %s", cfg->id, e2.msg);

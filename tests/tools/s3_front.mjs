@@ -25,7 +25,9 @@
 //                      truncate: the headers and half the body, then the connection is destroyed;
 //                      slow: the headers, then delay_ms of silence, then the body.
 //   GET  /__twn/stats  {"requests", "forwarded", "connections", "bytes_out", "auth_failures",
-//                       "faults", "last_request_id", "log": [{method, path, range, status}...]}
+//                       "faults", "last_request_id", "log": [{method, path, range, status, t0, t1}
+//                       ...]}  (t0: ms since start when the request arrived, t1: when its
+//                       response was finished; 0 while under way)
 //   POST /__twn/reset  clears the stats and the fault rules.
 //   POST /__twn/config {"token": "T"} requires x-amz-security-token T from now on ("" = none).
 //
@@ -269,7 +271,8 @@ const front = http.createServer((req, res) => {
     st.requests++;
     st.last_request_id = requestId;
     const entry = { method: req.method, path: req.url, range: req.headers.range || '', status: 0,
-                    id: requestId };
+                    id: requestId, t0: performance.now(), t1: 0 };
+    res.on('close', () => { entry.t1 = performance.now(); });
     st.log.push(entry);
     if (st.log.length > 5000) st.log.shift();
     const bad = verify(req, body);

@@ -303,6 +303,66 @@ static void test_poison_unit_and_item(void **state) {
     free(j);
 }
 
+/* A holder that gives its lease up (Finished.abandoned) hands the work back at once, with no
+ * tick and no clock: the unit, then the hard batch, is leased again with the next attempt, and
+ * the last release dead-letters what is left, item by item, exactly once. */
+static void test_released_leases(void **state) {
+    (void)state;
+    rec r = {0};
+    twn_cstate_cfg cfg = short_cfg();
+    twn_cstate *c = open_cs(jpath("cstate_release"), &cfg, &r, NULL);
+    twn_unit_spec u[2] = {{1, 4}, {2, 2}};
+    add(c, u, 2);
+    twn_err err = {{0}};
+    twn_unit_grant g;
+    twn_hard_grant h;
+    double now = 0;
+    uint32_t zero = 0, hard[2] = {1, 2};
+    /* Unit 1: the gate acks item 0 and routes 1, 2 hard, then gives up (item 3 left). */
+    assert_int_equal(twn_cstate_grant_unit(c, 1, now, &g, &err), 1);
+    ok(twn_cstate_ack(c, 1, &zero, NULL, 1, TWN_ROUTE_EASY, &err), &err);
+    ok(twn_cstate_report_hard(c, 1, hard, 2, &err), &err);
+    twn_lease_id first = g.lease;
+    assert_int_equal(twn_cstate_finish(c, first, now, &err), 1); /* Finished, then... */
+    assert_int_equal(twn_cstate_release(c, first, &err), 1);     /* ...abandoned after all */
+    assert_int_equal(twn_cstate_release(c, first, &err), 0);     /* a repeat is late */
+    assert_int_equal(twn_cstate_grant_unit(c, 1, now, &g, &err), 1);
+    assert_true(g.unit == 1);
+    assert_int_equal(g.attempt, 2);
+    assert_int_equal(g.n_pending, 1);
+    assert_int_equal(twn_cstate_release(c, g.lease, &err), 1); /* the last attempt */
+    assert_int_equal(r.dead, 1);
+    assert_string_equal(r.last_reason, "lease expired 2 times");
+    assert_int_equal(r.last_stage, TWN_STAGE_GATE);
+    assert_int_equal(twn_cstate_item_state(c, 1, 3), TWN_ITEM_DEAD);
+    /* The hard batch: released twice, its two items are dead-lettered at stage reason. */
+    for (uint32_t a = 1; a <= 2; a++) {
+        assert_int_equal(twn_cstate_grant_hard(c, 7, 0, now, &h, &err), 1);
+        assert_int_equal(h.n, 2);
+        assert_int_equal(h.items[0].attempt, a);
+        assert_int_equal(twn_cstate_release(c, h.lease, &err), 1);
+    }
+    assert_int_equal(r.dead, 3);
+    assert_int_equal(r.last_stage, TWN_STAGE_REASON);
+    assert_int_equal(r.done, 1);
+    assert_int_equal(r.last_counts.easy, 1);
+    assert_int_equal(r.last_counts.dead, 3);
+    /* Unit 2 is next; nothing else is queued or live. */
+    twn_cstate_stats s;
+    twn_cstate_stats_get(c, &s);
+    assert_int_equal(s.units_queued, 1);
+    assert_int_equal(s.hard_queued, 0);
+    assert_int_equal(s.unit_leases_live + s.hard_leases_live, 0);
+    assert_int_equal(s.unit_leases.released, 2);
+    assert_int_equal(s.hard_leases.released, 2);
+    assert_int_equal(s.progress.rejected, 3);
+    assert_int_equal(twn_cstate_grant_unit(c, 1, now, &g, &err), 1);
+    assert_true(g.unit == 2);
+    ok(twn_cstate_ack_range(c, 2, 0, 2, TWN_ROUTE_EASY, &err), &err);
+    assert_true(twn_cstate_all_done(c));
+    assert_int_equal(twn_cstate_close(c, &err), 0);
+}
+
 /* Principle 2 under principle 3: the previous holder's late acks are accepted and count once. */
 static void test_late_acks(void **state) {
     (void)state;
@@ -865,10 +925,15 @@ static void test_model_random(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_unit_key),        cmocka_unit_test(test_job_flow),
-        cmocka_unit_test(test_restart_resumes), cmocka_unit_test(test_poison_unit_and_item),
-        cmocka_unit_test(test_late_acks),       cmocka_unit_test(test_worker_dead_and_backpressure),
-        cmocka_unit_test(test_refused),         cmocka_unit_test(test_journal_failure_stops),
+        cmocka_unit_test(test_released_leases),
+        cmocka_unit_test(test_unit_key),
+        cmocka_unit_test(test_job_flow),
+        cmocka_unit_test(test_restart_resumes),
+        cmocka_unit_test(test_poison_unit_and_item),
+        cmocka_unit_test(test_late_acks),
+        cmocka_unit_test(test_worker_dead_and_backpressure),
+        cmocka_unit_test(test_refused),
+        cmocka_unit_test(test_journal_failure_stops),
         cmocka_unit_test(test_model_random),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

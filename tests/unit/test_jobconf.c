@@ -67,7 +67,7 @@ static void test_defaults_and_derived(void **st) {
     assert_int_equal(c.limits.max_item_bytes, 64 << 20);
     assert_string_equal(c.kafka.group, "twn");
     assert_string_equal(c.s3.path_style, "auto");
-    assert_string_equal(c.metrics.listen, "");
+    assert_string_equal(c.metrics.listen, "127.0.0.1:0");
     assert_string_equal(c.coordinator.listen, "tcp://127.0.0.1:7600");
     assert_string_equal(c.coordinator.connect, "tcp://127.0.0.1:7600");
     assert_string_equal(c.coordinator.journal, "/data/run/journal");

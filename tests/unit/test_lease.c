@@ -1,6 +1,6 @@
 /* test_lease.c — lease pools against a tiny fake caller: grants, renewals, expiry and re-lease
  * order, attempts -> poison, worker death (reported and by silence), finish + ack timeout, late
- * settlements, lease ids across pools and restarts. */
+ * settlements, lease ids across pools and restarts, release of an abandoned lease. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -316,12 +316,58 @@ static void test_slots_recycled(void **state) {
     twn_leases_free(l);
 }
 
+/* A holder that gives a lease up (Finished.abandoned) ends it at once, as an expiry: the refs it
+ * did not finish go back to the front, a finished ref is dropped, the third release poisons,
+ * and a release of an ended lease is late.  Before release existed, an abandoned lease waited
+ * ack_timeout_s (or, still ACTIVE, was renewed by its holder's heartbeats) with nobody on it. */
+static void test_release_requeues_at_once(void **state) {
+    (void)state;
+    fake f;
+    twn_leases *l = pool(&f, NULL, 3);
+    twn_err err = {{0}};
+    twn_lease_grant g = grant(l, 7, 2, 100.0);
+    assert_int_equal(finish_ref(l, &f, 1), 0); /* ref 1 is done; ref 0 is not */
+    assert_int_equal(twn_leases_finish(l, g.id, 101.0, &err), 1);
+    assert_int_equal(twn_leases_release(l, g.id, &err), 1);
+    assert_int_equal(twn_leases_live(l), 0);
+    assert_int_equal(twn_leases_queued(l), 2); /* 0 (retry, in front), then 2 */
+    assert_int_equal(twn_leases_held(l, 7), 0);
+    assert_int_equal(f.bound[0], 0);
+    assert_int_equal(twn_leases_release(l, g.id, &err), 0); /* ended: a late message */
+    for (uint32_t attempt = 2; attempt <= 3; attempt++) {
+        g = grant(l, 7, 1, 102.0);
+        assert_int_equal(g.refs[0], 0);
+        assert_int_equal(g.attempts[0], attempt);
+        assert_int_equal(twn_leases_release(l, g.id, &err), 1); /* ACTIVE: released all the same */
+    }
+    assert_int_equal(f.n_poisoned, 1);
+    assert_int_equal(f.poisoned[0], 0);
+    assert_int_equal(f.poison_attempts[0], 3);
+    assert_int_equal(twn_leases_queued(l), 1);
+    const twn_lease_stats *st = twn_leases_stats(l);
+    assert_int_equal(st->released, 3);
+    assert_int_equal(st->expired, 3);
+    assert_int_equal(st->requeued, 2);
+    assert_int_equal(st->poisoned, 1);
+    assert_int_equal(st->late, 1);
+    /* nothing expires later: nothing is left live */
+    assert_int_equal(twn_leases_expire(l, 1e9), 0);
+    assert_int_equal(twn_leases_release(l, (uint64_t)2 << 48 | 1, &err), -1);
+    assert_string_equal(err.msg, "unit lease 0002000000000001: never granted");
+    twn_leases_free(l);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_defaults_and_check), cmocka_unit_test(test_grant_settle_close),
-        cmocka_unit_test(test_heartbeat_renews),   cmocka_unit_test(test_expiry_relase_order),
-        cmocka_unit_test(test_attempts_poison),    cmocka_unit_test(test_worker_death_releases_all),
-        cmocka_unit_test(test_finish_ack_timeout), cmocka_unit_test(test_lease_ids),
+        cmocka_unit_test(test_release_requeues_at_once),
+        cmocka_unit_test(test_defaults_and_check),
+        cmocka_unit_test(test_grant_settle_close),
+        cmocka_unit_test(test_heartbeat_renews),
+        cmocka_unit_test(test_expiry_relase_order),
+        cmocka_unit_test(test_attempts_poison),
+        cmocka_unit_test(test_worker_death_releases_all),
+        cmocka_unit_test(test_finish_ack_timeout),
+        cmocka_unit_test(test_lease_ids),
         cmocka_unit_test(test_slots_recycled),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -5,7 +5,9 @@
  *     the last request (after the index upload completed);
  *   - a directory missing a file fails before anything is sent, naming the file;
  *   - a job's output (two shards' CURRENT snapshots and the dead letters) lands under the prefix
- *     as exactly the expected keys. */
+ *     as exactly the expected keys;
+ *   - the roles as processes with job.out = s3://: each `twn indexer` uploads its shard, the
+ *     coordinator the dead letters (test_fleet_s3_out). */
 #include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -16,6 +18,7 @@
 #include "index/outdir_s3.h"
 #include "tests/testutil.h"
 #include "tests/tools/s3_front.h"
+#include "tests/unit/procs.h"
 #include "util/mem.h"
 
 #define AK     "TWNOUTAKID"
@@ -215,10 +218,121 @@ static void test_upload_job(void **state) {
     twn_s3_close(s);
 }
 
+/* `twn coordinator|indexer|gate|worker` as processes with job.out = s3://...: each indexer
+ * stages its shard in its indexer.dir and uploads its final snapshot (manifest last), the
+ * coordinator stages the dead letters beside its journal and uploads them.  An indexer whose
+ * indexer.dir would be derived from the s3:// job.out is refused. */
+static void test_fleet_s3_out(void **state) {
+    (void)state;
+    const char *dir = tu_tmpdir("outdir-s3-fleet");
+    char in[1200], cfg[1200], yaml[4096], p[4200];
+    snprintf(in, sizeof in, "%s/items.jsonl", dir);
+    FILE *f = fopen(in, "w");
+    assert_non_null(f);
+    for (int i = 0; i < 300; i++) fprintf(f, "{\"id\": \"f%04d\", \"text\": \"item %d\"}\n", i, i);
+    fprintf(f, "{\"text\": \"no id\"}\n");
+    fclose(f);
+    snprintf(yaml, sizeof yaml,
+             "job:\n  inputs: [%s]\n  out: s3://" BUCKET "/fleet/run1\n  engine: null\n"
+             "  dim: 16\n  shards: 2\n  unit_items: 50\n"
+             "coordinator:\n  listen: ipc://%s/ctl\n  journal: %s/stage/journal\n"
+             "  heartbeat_ms: 200\n  connect_timeout_ms: 60000\n"
+             "indexer:\n  endpoints: [ipc://%s/s0, ipc://%s/s1]\n"
+             "s3:\n  endpoint: %s\n  access_key_id: " AK "\n  secret_access_key: " SECRET "\n"
+             "  region: us-east-1\n",
+             in, dir, dir, dir, dir, g_front.endpoint);
+    snprintf(cfg, sizeof cfg, "%s/job.yaml", dir);
+    tu_write(cfg, yaml, strlen(yaml));
+    twn_s3 *s = client(); /* creates the bucket */
+
+    /* indexer.dir derived from job.out would be s3://...: refused */
+    tp_proc *bad = tp_spawn("ix-bad", dir, TWN_BIN, "indexer", "--config", cfg, NULL);
+    assert_int_equal(tp_wait(bad, 30), 0);
+    assert_int_equal(bad->status, 2);
+    char *log = tp_log(bad);
+    assert_non_null(strstr(log, "twn indexer: job.out is s3://" BUCKET "/fleet/run1: set "
+                                "indexer.dir to a local directory; the shard is staged there and "
+                                "uploaded at the end"));
+    free(log);
+
+    char ixdir[2][1300];
+    tp_proc *ix[2];
+    for (int k = 0; k < 2; k++) {
+        char name[16], shard[8];
+        snprintf(name, sizeof name, "indexer-%d", k);
+        snprintf(shard, sizeof shard, "%d", k);
+        snprintf(ixdir[k], sizeof ixdir[k], "%s/ix%d/shard", dir, k);
+        ix[k] = tp_spawn(name, dir, TWN_BIN, "indexer", "--config", cfg, "--shard", shard,
+                         "--indexer.dir", ixdir[k], NULL);
+    }
+    tp_proc *gate = tp_spawn("gate", dir, TWN_BIN, "gate", "--config", cfg, NULL);
+    tp_proc *worker = tp_spawn("worker", dir, TWN_BIN, "worker", "--config", cfg, NULL);
+    tp_proc *coord = tp_spawn("coordinator", dir, TWN_BIN, "coordinator", "--config", cfg, NULL);
+    if (tp_wait_all(120)) fail_msg("processes did not end by themselves:%s", tp_report());
+    tp_proc *all[] = {ix[0], ix[1], gate, worker, coord};
+    for (size_t i = 0; i < 5; i++)
+        if (all[i]->status)
+            fail_msg("%s exited with %d:%s", all[i]->name, all[i]->status, tp_report());
+    log = tp_log(coord);
+    assert_non_null(strstr(log, "units 7 items 301 "));
+    assert_non_null(strstr(log, "bytes to s3://" BUCKET "/fleet/run1/dead_letter.jsonl\n"));
+    free(log);
+    for (int k = 0; k < 2; k++) {
+        char want[128];
+        snprintf(want, sizeof want, "bytes to s3://" BUCKET "/fleet/run1/shard-%05d/\n", k);
+        log = tp_log(ix[k]);
+        if (!strstr(log, want)) fail_msg("indexer-%d: no \"%s\" in:\n%s", k, want, log);
+        free(log);
+    }
+    twn_s3_objects l = {0};
+    twn_err err = {{0}};
+    if (twn_s3_list(s, BUCKET, "fleet/", &l, &err)) fail_msg("%s", err.msg);
+    twn_str keys = {0};
+    for (size_t i = 0; i < l.n; i++) twn_str_printf(&keys, "%s\n", l.v[i].key);
+    assert_string_equal(keys.v, "fleet/run1/dead_letter.jsonl\n"
+                                "fleet/run1/shard-00000/embeddings.npy\n"
+                                "fleet/run1/shard-00000/faiss_ids.npy\n"
+                                "fleet/run1/shard-00000/index.faiss\n"
+                                "fleet/run1/shard-00000/items.jsonl\n"
+                                "fleet/run1/shard-00000/manifest.json\n"
+                                "fleet/run1/shard-00001/embeddings.npy\n"
+                                "fleet/run1/shard-00001/faiss_ids.npy\n"
+                                "fleet/run1/shard-00001/index.faiss\n"
+                                "fleet/run1/shard-00001/items.jsonl\n"
+                                "fleet/run1/shard-00001/manifest.json\n");
+    /* byte for byte: the staged dead letters and each shard's current snapshot */
+    snprintf(p, sizeof p, "%s/stage/dead_letter.jsonl", dir);
+    same_object(s, "fleet/run1/dead_letter.jsonl", p);
+    size_t n_items = 0;
+    for (int k = 0; k < 2; k++) {
+        snprintf(p, sizeof p, "%s/CURRENT", ixdir[k]);
+        size_t n;
+        char *name = tu_read(p, &n);
+        name[strcspn(name, "\r\n ")] = 0;
+        for (int i = 0; i < 5; i++) {
+            char key[128], fp[4400];
+            snprintf(key, sizeof key, "fleet/run1/shard-%05d/%s", k, FILES[i]);
+            snprintf(fp, sizeof fp, "%s/%s/%s", ixdir[k], name, FILES[i]);
+            same_object(s, key, fp);
+            if (i == 3) {
+                char *items = tu_read(fp, &n);
+                for (char *c = items; *c; c++) n_items += *c == '\n';
+                free(items);
+            }
+        }
+        free(name);
+    }
+    assert_int_equal(n_items, 300); /* every good item, in one shard or the other */
+    twn_str_free(&keys);
+    twn_s3_objects_free(&l);
+    twn_s3_close(s);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_upload_manifest_last),
         cmocka_unit_test(test_upload_job),
+        cmocka_unit_test_teardown(test_fleet_s3_out, tp_teardown),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

@@ -1,5 +1,6 @@
 /* test_store.c — the shard item store and its §4 output directory: float16 conversion goldens,
- * the FAISS id rule with forced hash collisions, the int64 map, exact top-k, and an output
+ * the FAISS id rule with forced hash collisions, the int64 map, the id / FAISS id row indexes at
+ * 200k items (lookups and heap bytes per item), exact top-k, and an output
  * directory round trip checked byte for byte (items.jsonl golden) and by numpy itself, plus the
  * messages for each way a directory can disagree with its manifest. */
 #include <malloc.h>

@@ -1,0 +1,425 @@
+/* test_lease_expiry.c — liveness when leases keep being lost: the job always finishes.
+ *
+ * A unit (or a hard batch) whose every lease is lost is dead-lettered item by item ("lease
+ * expired 3 times": each item once in dead_letter.jsonl, counted as rejected), every other unit
+ * completes, and every role thread returns.  The roles run with their pulse thread off
+ * (twn_role_cfg.no_pulse), so a batch that outlasts missed_beats heartbeat intervals gets the
+ * role declared dead, as before the pulse existed.  A lease its holder abandons (Finished with
+ * abandoned set) is leased again at once.
+ *
+ * A watchdog stops the job after WATCHDOG_S (the test then fails naming the hang) and ends the
+ * process if the threads do not return WATCHDOG_GRACE_S after that, so a hang never runs into
+ * ctest's timeout. */
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <zmq.h>
+
+#include "common/transport.h"
+#include "coordinator/service.h"
+#include "gate_service/gate.h"
+#include "gate_service/null_engine.h"
+#include "index/service.h"
+#include "tests/testutil.h"
+#include "util/clock.h"
+#include "worker/worker.h"
+
+#define WATCHDOG_S       60
+#define WATCHDOG_GRACE_S 15
+
+typedef struct watchdog {
+    volatile int *stop;
+    volatile int done, fired;
+    const char *what;
+    pthread_t th;
+} watchdog;
+
+static void *watchdog_main(void *arg) {
+    watchdog *w = arg;
+    for (int i = 0; i < WATCHDOG_S * 10 && !w->done; i++) usleep(100 * 1000);
+    if (w->done) return NULL;
+    w->fired = 1;
+    *w->stop = 1;
+    for (int i = 0; i < WATCHDOG_GRACE_S * 10 && !w->done; i++) usleep(100 * 1000);
+    if (w->done) return NULL;
+    fprintf(stderr,
+            "%s: hung: the job did not finish within %d s, and its threads did not return "
+            "%d s after stop\n",
+            w->what, WATCHDOG_S, WATCHDOG_GRACE_S);
+    _exit(1);
+}
+
+static void watchdog_start(watchdog *w, volatile int *stop, const char *what) {
+    memset(w, 0, sizeof *w);
+    w->stop = stop;
+    w->what = what;
+    pthread_create(&w->th, NULL, watchdog_main, w);
+}
+
+static void watchdog_end(watchdog *w) {
+    w->done = 1;
+    pthread_join(w->th, NULL);
+    if (w->fired) fail_msg("%s: the job did not finish within %d s", w->what, WATCHDOG_S);
+}
+
+/* n items with ids prefix<k>, only hard ones (want_hard 1) or only easy ones (0) by the null
+ * engine's routing. */
+static void write_items(const char *path, const char *prefix, int n, int want_hard) {
+    FILE *f = fopen(path, "w");
+    assert_non_null(f);
+    char id[64];
+    for (int k = 0, got = 0; got < n; k++) {
+        snprintf(id, sizeof id, "%s%04d", prefix, k);
+        if (twn_null_hard(id) != want_hard) continue;
+        fprintf(f, "{\"id\": \"%s\", \"text\": \"item %d\"}\n", id, got++);
+    }
+    fclose(f);
+}
+
+/* Lines of a dead-letter file with `stage` and `reason`, each (unit, index) at most once (else
+ * the test fails); *other counts the rest. */
+static int count_dead(const char *path, const char *stage, const char *reason, int *other) {
+    size_t n = 0;
+    char *s = access(path, F_OK) == 0 ? tu_read(path, &n) : NULL;
+    enum { MAX = 256 };
+    unsigned long long seen[MAX][2];
+    int hits = 0;
+    char want[160];
+    snprintf(want, sizeof want, "\"stage\":\"%s\",\"reason\":\"%s\"}", stage, reason);
+    *other = 0;
+    for (char *line = s, *next; line && *line; line = next) {
+        next = strchr(line, '\n');
+        if (next) *next++ = 0;
+        if (!*line) continue;
+        if (!strstr(line, want)) {
+            (*other)++;
+            continue;
+        }
+        const char *u = strstr(line, "\"unit\":"), *ix = strstr(line, "\"index\":");
+        if (!u || !ix) fail_msg("dead letter without unit or index: %s", line);
+        unsigned long long key = strtoull(u + 7, NULL, 10), idx = strtoull(ix + 8, NULL, 10);
+        for (int i = 0; i < hits; i++)
+            if (seen[i][0] == key && seen[i][1] == idx) fail_msg("dead-lettered twice: %s", line);
+        assert_true(hits < MAX);
+        seen[hits][0] = key;
+        seen[hits][1] = idx;
+        hits++;
+    }
+    free(s);
+    return hits;
+}
+
+// ------------------------------------------------------------------------------------------------
+// The whole job in threads
+
+typedef struct job {
+    int kind; /* 0 coordinator, 1 indexer, 2 gate, 3 worker */
+    twn_coord_cfg cc;
+    twn_coord_summary sum;
+    twn_indexer_cfg ic;
+    twn_role_cfg rc;
+    int status;
+    twn_err err;
+} job;
+
+static void *job_main(void *arg) {
+    job *j = arg;
+    if (j->kind == 0)
+        j->status = twn_coord_run(&j->cc, &j->sum, &j->err);
+    else if (j->kind == 1)
+        j->status = twn_indexer_run(&j->ic, &j->err);
+    else if (j->kind == 2)
+        j->status = twn_gate_run(&j->rc, &j->err);
+    else
+        j->status = twn_worker_run(&j->rc, &j->err);
+    return NULL;
+}
+
+/* Coordinator (peers silent > 1 s are dead), indexer, gate and worker (pulse off, 1 credit each)
+ * over inputs; gate_us / worker_us: what each item costs them. */
+static void run_job(const char *tag, const char *const *inputs, size_t n_inputs, int gate_us,
+                    int worker_us, twn_coord_summary *sum, char *dl_path, size_t dl_cap) {
+    const char *dir = tu_tmpdir(tag);
+    char out[1100], journal[1200], shard[1200];
+    snprintf(out, sizeof out, "%s/out", dir);
+    snprintf(journal, sizeof journal, "%s/journal", out);
+    snprintf(shard, sizeof shard, "%s/shard-00000", out);
+    snprintf(dl_path, dl_cap, "%s/dead_letter.jsonl", out);
+    assert_int_equal(mkdir(out, 0755), 0);
+    static volatile int stop;
+    stop = 0;
+    void *zctx = zmq_ctx_new();
+    const char *ep = "inproc://le-shard-0", *ctl = "inproc://le-control";
+    job j[4];
+    memset(j, 0, sizeof j);
+    twn_coord_cfg_default(&j[0].cc);
+    j[0].cc.zctx = zctx;
+    j[0].cc.endpoint = ctl;
+    j[0].cc.inputs = inputs;
+    j[0].cc.n_inputs = n_inputs;
+    j[0].cc.unit_items = 64;
+    j[0].cc.journal_path = journal;
+    j[0].cc.dead_letter_path = dl_path;
+    j[0].cc.model_hash = "null";
+    j[0].cc.shards = 1;
+    j[0].cc.shard_endpoints = &ep;
+    j[0].cc.heartbeat_s = 0.2; /* silent for > 1 s: declared dead */
+    j[0].cc.missed_beats = 5;
+    j[0].cc.hard_batch = 16;
+    j[0].cc.stop = &stop;
+    j[0].cc.expect_peers = 3;
+    j[1].kind = 1;
+    twn_indexer_cfg_default(&j[1].ic);
+    j[1].ic.zctx = zctx;
+    j[1].ic.control = ctl;
+    j[1].ic.id = "indexer-0";
+    j[1].ic.endpoint = ep;
+    j[1].ic.dir = shard;
+    j[1].ic.dim = 16;
+    j[1].ic.model = j[1].ic.model_hash = "null";
+    j[1].ic.stop = &stop;
+    for (int k = 2; k < 4; k++) {
+        j[k].kind = k;
+        twn_role_cfg_default(&j[k].rc);
+        j[k].rc.zctx = zctx;
+        j[k].rc.control = ctl;
+        j[k].rc.id = k == 2 ? "gate-0" : "worker-0";
+        j[k].rc.credits = 1;
+        j[k].rc.null_dim = 16;
+        j[k].rc.null_item_us = k == 2 ? gate_us : worker_us;
+        j[k].rc.no_pulse = 1;
+        j[k].rc.stop = &stop;
+    }
+    watchdog wd;
+    watchdog_start(&wd, &stop, tag);
+    pthread_t th[4];
+    pthread_create(&th[1], NULL, job_main, &j[1]);
+    pthread_create(&th[0], NULL, job_main, &j[0]);
+    for (int k = 2; k < 4; k++) pthread_create(&th[k], NULL, job_main, &j[k]);
+    /* as twn run: coordinator, then the indexers, then stop for gates and workers */
+    pthread_join(th[0], NULL);
+    if (j[0].status) stop = 1;
+    pthread_join(th[1], NULL);
+    stop = 1;
+    for (int k = 2; k < 4; k++) pthread_join(th[k], NULL);
+    zmq_ctx_term(zctx);
+    watchdog_end(&wd);
+    for (int k = 0; k < 4; k++)
+        if (j[k].status) fail_msg("role %d: %s", k, j[k].err.msg);
+    *sum = j[0].sum;
+}
+
+/* A 48-item unit costs the gate 48 x 60 ms: its first batch of 32 (1.9 s) outlasts
+ * missed_beats (5 x 0.2 s), so the gate loses every lease of it.  After 3 the unit is
+ * dead-lettered and the 8-item unit behind it (0.5 s) completes. */
+static void test_unit_lost_three_times(void **st) {
+    (void)st;
+    const char *dir = tu_tmpdir("lease-expiry-in");
+    char small[1024], big[1024], dl[1300];
+    snprintf(small, sizeof small, "%s/small.jsonl", dir);
+    snprintf(big, sizeof big, "%s/big.jsonl", dir);
+    write_items(big, "b", 48, 0);
+    write_items(small, "q", 8, 0);
+    /* big first: the gate holds one unit at a time, so the small one waits for its turn */
+    const char *inputs[2] = {big, small};
+    twn_coord_summary sum;
+    run_job("lease-expiry-unit", inputs, 2, 60000, 1000, &sum, dl, sizeof dl);
+    int other = 0;
+    assert_int_equal(sum.units, 2);
+    assert_int_equal(sum.items, 56);
+    assert_int_equal(count_dead(dl, "gate", "lease expired 3 times", &other), 48);
+    assert_int_equal(other, 0);
+    assert_int_equal(sum.rejected, 48);
+    assert_int_equal(sum.easy, 8);
+    assert_int_equal(sum.hard, 0);
+}
+
+/* 16 hard items come to the worker as one batch of 16 x 200 ms = 3.2 s, past missed_beats: the
+ * batch is lost 3 times and its items are dead-lettered at stage "reason"; the easy unit
+ * completes.  The job ends while the worker is still inside its third batch, counted as gone:
+ * its late Finished then goes to a coordinator that has closed its ROUTER, and every thread
+ * still returns (that send used to block forever, past the stop flag: twn run never ended). */
+static void test_hard_batch_lost_three_times(void **st) {
+    (void)st;
+    const char *dir = tu_tmpdir("lease-expiry-in");
+    char easy[1024], hard[1024], dl[1300];
+    snprintf(easy, sizeof easy, "%s/easy.jsonl", dir);
+    snprintf(hard, sizeof hard, "%s/hard.jsonl", dir);
+    write_items(easy, "e", 8, 0);
+    write_items(hard, "h", 16, 1);
+    const char *inputs[2] = {easy, hard};
+    twn_coord_summary sum;
+    run_job("lease-expiry-hard", inputs, 2, 1000, 200000, &sum, dl, sizeof dl);
+    int other = 0;
+    assert_int_equal(sum.units, 2);
+    assert_int_equal(sum.items, 24);
+    assert_int_equal(count_dead(dl, "reason", "lease expired 3 times", &other), 16);
+    assert_int_equal(other, 0);
+    assert_int_equal(sum.rejected, 16);
+    assert_int_equal(sum.easy, 8);
+    assert_int_equal(sum.hard, 0);
+}
+
+// ------------------------------------------------------------------------------------------------
+// A lease given up by its holder
+
+typedef struct fake_gate {
+    void *dealer;
+    twn_frame_opts fo;
+} fake_gate;
+
+static void fg_send(fake_gate *g, Twn__Envelope *env) {
+    twn_err e;
+    if (twn_send_msg(g->dealer, NULL, env, &g->fo, &e)) fail_msg("fake gate: %s", e.msg);
+}
+
+/* The next message of kind body within timeout_s (others are skipped), or NULL. */
+static Twn__Envelope *fg_recv(fake_gate *g, int body, double timeout_s) {
+    double end = twn_now() + timeout_s;
+    while (twn_now() < end) {
+        Twn__Envelope *m = NULL;
+        twn_err e;
+        twn_recv_status s = twn_recv_msg(g->dealer, 20, &g->fo, NULL, &m, &e);
+        if (s == TWN_RECV_FAIL) fail_msg("fake gate: %s", e.msg);
+        if (s != TWN_RECV_MSG) continue;
+        if ((int)m->body_case == body) return m;
+        twn_msg_free(m);
+    }
+    return NULL;
+}
+
+static void fg_finished(fake_gate *g, uint64_t lease, int abandoned) {
+    Twn__Finished f = TWN__FINISHED__INIT;
+    f.lease_id = lease;
+    f.abandoned = abandoned;
+    Twn__Envelope env = TWN__ENVELOPE__INIT;
+    env.body_case = TWN__ENVELOPE__BODY_FINISHED;
+    env.finished = &f;
+    fg_send(g, &env);
+    Twn__WorkRequest w = TWN__WORK_REQUEST__INIT;
+    w.credits = 1;
+    Twn__Envelope env2 = TWN__ENVELOPE__INIT;
+    env2.body_case = TWN__ENVELOPE__BODY_WORK_REQUEST;
+    env2.work_request = &w;
+    fg_send(g, &env2);
+}
+
+/* Leases and acks wait long here (1000 s) and the peer counts as alive for 50 s: only the
+ * holder's word ends a lease.  Each abandoned lease is leased again at once with the next
+ * attempt; the third is the last, and the unit is dead-lettered ("lease expired 3 times"). */
+static void test_abandoned_lease_leased_again(void **st) {
+    (void)st;
+    const char *dir = tu_tmpdir("lease-expiry-abandon");
+    char in[1024], journal[1100], dl[1100];
+    snprintf(in, sizeof in, "%s/items.jsonl", dir);
+    snprintf(journal, sizeof journal, "%s/journal", dir);
+    snprintf(dl, sizeof dl, "%s/dead_letter.jsonl", dir);
+    write_items(in, "a", 5, 0);
+    static volatile int stop;
+    stop = 0;
+    void *zctx = zmq_ctx_new();
+    const char *ep = "inproc://la-shard-0", *ctl = "inproc://la-control";
+    const char *inputs[1] = {in};
+    job c;
+    memset(&c, 0, sizeof c);
+    twn_coord_cfg_default(&c.cc);
+    c.cc.zctx = zctx;
+    c.cc.endpoint = ctl;
+    c.cc.inputs = inputs;
+    c.cc.n_inputs = 1;
+    c.cc.journal_path = journal;
+    c.cc.dead_letter_path = dl;
+    c.cc.model_hash = "null";
+    c.cc.shards = 1;
+    c.cc.shard_endpoints = &ep;
+    c.cc.heartbeat_s = 10;
+    c.cc.missed_beats = 5;
+    c.cc.cs.unit_lease.lease_s = c.cc.cs.unit_lease.ack_timeout_s = 1000;
+    c.cc.cs.unit_lease.heartbeat_s = 10;
+    c.cc.stop = &stop;
+    watchdog wd;
+    watchdog_start(&wd, &stop, "abandon");
+    pthread_t th;
+    pthread_create(&th, NULL, job_main, &c);
+
+    fake_gate g = {0};
+    g.fo = twn_frame_opts_default();
+    twn_sock_opts so = twn_sock_opts_default();
+    so.linger_ms = 0;
+    so.routing_id = "fake-gate";
+    twn_err e;
+    g.dealer = twn_sock_new(zctx, ZMQ_DEALER, &so, &e);
+    assert_non_null(g.dealer);
+    assert_int_equal(twn_sock_connect(g.dealer, ctl, &e), 0);
+    Twn__Hello h = TWN__HELLO__INIT;
+    h.role = TWN__ROLE__ROLE_GATE;
+    h.id = (char *)"fake-gate";
+    h.credits = 1;
+    h.dim = 16;
+    Twn__Envelope env = TWN__ENVELOPE__INIT;
+    env.body_case = TWN__ENVELOPE__BODY_HELLO;
+    env.hello = &h;
+    Twn__Envelope *m = NULL;
+    for (int tries = 0; tries < 50 && !m; tries++) { /* the ROUTER may not be bound yet */
+        fg_send(&g, &env);
+        m = fg_recv(&g, TWN__ENVELOPE__BODY_WELCOME, 0.2);
+    }
+    assert_non_null(m);
+    assert_true(m->welcome->accepted);
+    twn_msg_free(m);
+    uint64_t unit = 0;
+    char failure[256] = "";
+    for (uint32_t attempt = 1; attempt <= 3 && !*failure; attempt++) {
+        m = fg_recv(&g, TWN__ENVELOPE__BODY_UNIT_LEASE, 5.0);
+        if (!m) {
+            snprintf(failure, sizeof failure,
+                     "attempt %u: no UnitLease within 5 s of the abandoned one", attempt);
+            break;
+        }
+        if (m->unit_lease->attempt != attempt || (attempt > 1 && m->unit_lease->unit_id != unit))
+            snprintf(failure, sizeof failure, "lease %u: attempt %u of unit %llu", attempt,
+                     m->unit_lease->attempt, (unsigned long long)m->unit_lease->unit_id);
+        unit = m->unit_lease->unit_id;
+        fg_finished(&g, m->unit_lease->lease_id, 1);
+        twn_msg_free(m);
+    }
+    m = *failure ? NULL : fg_recv(&g, TWN__ENVELOPE__BODY_SHUTDOWN, 5.0); /* the job is over */
+    if (!*failure && !m)
+        snprintf(failure, sizeof failure, "no Shutdown within 5 s of the third abandoned lease");
+    if (m) {
+        if (strcmp(m->shutdown->reason, "job finished"))
+            snprintf(failure, sizeof failure, "Shutdown: %s", m->shutdown->reason);
+        twn_msg_free(m);
+        Twn__Shutdown sd = TWN__SHUTDOWN__INIT;
+        sd.reason = (char *)"shutdown";
+        Twn__Envelope be = TWN__ENVELOPE__INIT;
+        be.body_case = TWN__ENVELOPE__BODY_SHUTDOWN;
+        be.shutdown = &sd;
+        fg_send(&g, &be);
+    } else {
+        stop = 1; /* the coordinator returns "stopped" */
+    }
+    pthread_join(th, NULL);
+    twn_sock_close(g.dealer);
+    zmq_ctx_term(zctx);
+    watchdog_end(&wd);
+    if (*failure) fail_msg("%s", failure);
+    if (c.status) fail_msg("coordinator: %s", c.err.msg);
+    assert_int_equal(c.sum.items, 5);
+    assert_int_equal(c.sum.rejected, 5);
+    int other = 0;
+    assert_int_equal(count_dead(dl, "gate", "lease expired 3 times", &other), 5);
+    assert_int_equal(other, 0);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_abandoned_lease_leased_again),
+        cmocka_unit_test(test_unit_lost_three_times),
+        cmocka_unit_test(test_hard_batch_lost_three_times),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
