@@ -7,7 +7,7 @@
  *   DIM: vector dimension (default 1024).  BATCH: items per EmbeddingBatch (default 32 =
  *     gate.batch).  COMMIT_MS: group-commit interval (default 5 = indexer.commit_ms).
  *   FAISS_THREADS: OpenMP threads for FAISS calls (default 1, what `twn run` gives each indexer).
- *   FACTORY:N: cases to run (default Flat:200000 IVF256,PQ64:200000 HNSW32:20000).
+ *   FACTORY:N: cases to run (default Flat:200000 IVF256,PQ64:200000 HNSW32:5000).
  *
  * Every case runs three child processes on the same deterministic random unit vectors (made
  * once in the parent, shared copy-on-write):
@@ -16,7 +16,7 @@
  *           add_with_ids in batches of BATCH.
  *   group:  what index/service.c does per EmbeddingBatch: twn_msg_unpack of the frame (zstd
  *           framing as sent by a gate), twn_batch_get_vectors, twn_shard_add; plus a group commit
- *           (one fsync) whenever COMMIT_MS of indexer time has passed since the last one.  The
+ *           (one fsync) once COMMIT_MS of indexer time has passed since the last one started.  The
  *           indexer is assumed saturated (a batch is always waiting), so the clock is the
  *           indexer's busy time; packing the frames (the gate's work) is not timed.
  *   fsync:  the same with twn_shard_commit after every batch (the worst case: one fsync per
@@ -482,7 +482,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "bench_index: -D, -b and -t must be positive, -c >= 0\n");
         return 2;
     }
-    const char *defaults[] = {"Flat:200000", "IVF256,PQ64:200000", "HNSW32:20000"};
+    const char *defaults[] = {"Flat:200000", "IVF256,PQ64:200000", "HNSW32:5000"};
     int nc = argc - optind;
     const char *const *spec = nc ? (const char *const *)argv + optind : defaults;
     if (!nc) nc = 3;

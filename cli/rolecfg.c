@@ -131,6 +131,7 @@ void twn_cli_coord_cfg(const twn_cli_job *j, twn_coord_cfg *cc) {
     cc->inputs = (const char *const *)c->job.inputs.v;
     cc->n_inputs = c->job.inputs.n;
     cc->unit_items = (uint64_t)c->job.unit_items;
+    cc->streaming = c->kafka.streaming;
     cc->journal_path = c->coordinator.journal;
     cc->dead_letter_path = c->job.dead_letter;
     cc->model_hash = j->model_hash;

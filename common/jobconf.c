@@ -177,8 +177,9 @@ static const twn_conf_key keys[] = {
     INT("kafka.max_inline_image_bytes", kafka.max_inline_image_bytes, "1048576", 1, 2147483647,
         "decoded size limit of an image carried inside a Kafka message"),
     BOOL("kafka.streaming", kafka.streaming, "false",
-         "keep consuming new messages (the job never ends) instead of stopping at the end offsets "
-         "seen at start"),
+         "keep consuming new messages instead of stopping at the end offsets seen at start: the "
+         "coordinator plans new offsets every 0.5 s and runs until SIGTERM/SIGINT, then drains its "
+         "leases and commits what is durable (needs a kafka:// input)"),
 };
 
 #define NKEYS (sizeof keys / sizeof *keys)

@@ -253,7 +253,7 @@ static int plan_kafka(twn_srcio *io, const char *input, uint64_t unit_items, twn
     /* rank within the partition (units of a partition come in offset order) */
     for (size_t i = 0; i < ku.n; i++)
         ku.v[i].id = i && ku.v[i - 1].partition == ku.v[i].partition ? ku.v[i - 1].id + 1 : 0;
-    qsort(ku.v, ku.n, sizeof *ku.v, cmp_kafka_order);
+    if (ku.n) qsort(ku.v, ku.n, sizeof *ku.v, cmp_kafka_order);
     uint64_t next_id = out->n ? out->v[out->n - 1].id + 1 : 0;
     for (size_t i = 0; i < ku.n; i++) {
         const twn_kafka_unit *x = &ku.v[i];
@@ -291,6 +291,87 @@ int twn_srcio_plan(twn_srcio *io, const char *const *inputs, size_t n, uint64_t 
             break;
         }
     }
+    return 0;
+}
+
+/* The newest unit of `path` in the plan (units of a partition are appended in offset order, so
+ * the last one has the highest end), or NULL. */
+static const twn_src_unit *last_unit_of(const twn_src_units *plan, const char *path) {
+    for (size_t i = plan->n; i-- > 0;)
+        if (!strcmp(plan->v[i].path, path)) return &plan->v[i];
+    return NULL;
+}
+
+static int plan_kafka_more(twn_srcio *io, const char *input, uint64_t unit_items,
+                           twn_src_units *plan, size_t *n_new, twn_err *err) {
+    char topic[256];
+    int32_t part;
+    twn_kafka_format fmt;
+    twn_kafka *k;
+    if (twn_srcio_kafka_path(input, topic, sizeof topic, &part, err) ||
+        kafka_format(input, &fmt, err))
+        return -1;
+    if (part >= 0)
+        return twn_err_set(err, "'%s': an input names a whole topic; expected kafka://%s", input,
+                           topic);
+    if (twn_srcio_kafka(io, &k, err)) return -1;
+    twn_kafka_units ku = {0}, add = {0};
+    if (twn_kafka_plan_units(k, topic, fmt, unit_items, io->cfg.kafka.group != NULL, &ku, err)) {
+        twn_kafka_units_free(&ku);
+        return -1;
+    }
+    /* per partition (ku: partitions ascending, offsets ascending): [from, high) where from is the
+     * end of what the plan has for it, or where a first planning would start */
+    for (size_t i = 0; i < ku.n;) {
+        size_t j = i;
+        while (j < ku.n && ku.v[j].partition == ku.v[i].partition) j++;
+        int64_t from = ku.v[i].start, high = ku.v[j - 1].end;
+        char *path = kafka_unit_path(topic, ku.v[i].partition);
+        const twn_src_unit *last = last_unit_of(plan, path);
+        twn_free(path);
+        if (last) from = (int64_t)last->end;
+        for (uint64_t rank = 0; from < high; rank++) {
+            int64_t end = high - from > (int64_t)unit_items ? from + (int64_t)unit_items : high;
+            if (add.n == add.cap) {
+                add.cap = add.cap ? 2 * add.cap : 16;
+                add.v = twn_realloc(add.v, add.cap * sizeof *add.v);
+            }
+            add.v[add.n++] = (twn_kafka_unit){.id = rank,
+                                              .format = fmt,
+                                              .partition = ku.v[i].partition,
+                                              .start = from,
+                                              .end = end};
+            from = end;
+        }
+        i = j;
+    }
+    twn_kafka_units_free(&ku);
+    if (add.n) qsort(add.v, add.n, sizeof *add.v, cmp_kafka_order);
+    uint64_t next_id = plan->n ? plan->v[plan->n - 1].id + 1 : 0;
+    for (size_t i = 0; i < add.n; i++) {
+        const twn_kafka_unit *x = &add.v[i];
+        twn_src_unit u = {.id = next_id++,
+                          .format = (twn_src_format)x->format,
+                          .path = kafka_unit_path(topic, x->partition),
+                          .start = (uint64_t)x->start,
+                          .end = (uint64_t)x->end,
+                          .first_index = (uint64_t)x->start,
+                          .count = (uint64_t)(x->end - x->start)};
+        push_unit(plan, &u);
+    }
+    *n_new += add.n;
+    twn_free(add.v); /* topics were never set: nothing else to free */
+    return 0;
+}
+
+int twn_srcio_plan_more(twn_srcio *io, const char *const *inputs, size_t n, uint64_t unit_items,
+                        twn_src_units *plan, size_t *n_new, twn_err *err) {
+    *n_new = 0;
+    if (!unit_items) return twn_err_set(err, "planning: unit size 0; expected at least 1 item");
+    for (size_t i = 0; i < n; i++)
+        if (twn_srcio_store_of(inputs[i]) == TWN_STORE_KAFKA &&
+            plan_kafka_more(io, inputs[i], unit_items, plan, n_new, err))
+            return -1;
     return 0;
 }
 

@@ -99,6 +99,15 @@ int twn_srcio_kafka_path(const char *path, char *topic, size_t cap, int32_t *par
 int twn_srcio_plan(twn_srcio *io, const char *const *inputs, size_t n, uint64_t unit_items,
                    twn_src_units *out, size_t *n_kafka, twn_err *err);
 
+/* Streaming (kafka.streaming): appends to `plan` units for what the kafka:// inputs hold beyond
+ * it.  For each partition of each kafka:// topic the new range is [end of the plan's last unit of
+ * that partition, high watermark now); a partition the plan has no unit of starts where
+ * twn_srcio_plan would (the group's committed offset, or the low watermark).  Same unit size and
+ * interleaving as twn_srcio_plan; unit ids continue.  Other inputs are ignored (planned once).
+ * *n_new receives the number of units appended. */
+int twn_srcio_plan_more(twn_srcio *io, const char *const *inputs, size_t n, uint64_t unit_items,
+                        twn_src_units *plan, size_t *n_new, twn_err *err);
+
 // ------------------------------------------------------------------------------------------------
 // Reading
 

@@ -18,6 +18,7 @@ typedef struct part {
 
 struct twn_offsets {
     const twn_src_units *plan;
+    size_t seen; /* plan units indexed so far (twn_offsets_extend) */
     part *p;
     size_t n, cap;
     double min_interval, last_try;
@@ -45,15 +46,22 @@ int twn_offsets_new(const twn_src_units *plan, double min_interval_s, twn_offset
     o->plan = plan;
     o->min_interval = min_interval_s;
     o->last_try = -1e30;
-    for (size_t i = 0; i < plan->n; i++) {
+    if (twn_offsets_extend(o, err)) {
+        twn_offsets_free(o);
+        return -1;
+    }
+    *out = o;
+    return 0;
+}
+
+int twn_offsets_extend(twn_offsets *o, twn_err *err) {
+    const twn_src_units *plan = o->plan;
+    for (size_t i = o->seen; i < plan->n; i++) {
         const twn_src_unit *u = &plan->v[i];
         if (twn_srcio_store_of(u->path) != TWN_STORE_KAFKA) continue;
         char topic[256];
         int32_t partition;
-        if (twn_srcio_kafka_path(u->path, topic, sizeof topic, &partition, err)) {
-            twn_offsets_free(o);
-            return -1;
-        }
+        if (twn_srcio_kafka_path(u->path, topic, sizeof topic, &partition, err)) return -1;
         part *p = part_of(o, topic, partition);
         if (p->n == p->cap) {
             p->cap = p->cap ? 2 * p->cap : 16;
@@ -61,7 +69,7 @@ int twn_offsets_new(const twn_src_units *plan, double min_interval_s, twn_offset
         }
         p->seqs[p->n++] = (uint32_t)i;
     }
-    *out = o;
+    o->seen = plan->n;
     return 0;
 }
 

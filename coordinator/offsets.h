@@ -31,6 +31,10 @@ typedef struct twn_offsets twn_offsets;
 int twn_offsets_new(const twn_src_units *plan, double min_interval_s, twn_offsets **out,
                     twn_err *err);
 void twn_offsets_free(twn_offsets *o);
+/* The plan grew (streaming: units appended at its end, offsets ascending per partition): tracks
+ * the new units too.  A partition's commit point stays monotone: its new units start where its
+ * last one ended. */
+int twn_offsets_extend(twn_offsets *o, twn_err *err);
 
 /* Commits the points low_water allows (see above) through io's Kafka handle (which needs the
  * group).  0: nothing to do or committed; -1: a commit failed (err), to be retried. */

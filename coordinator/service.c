@@ -22,6 +22,7 @@ void twn_coord_cfg_default(twn_coord_cfg *c) {
     c->heartbeat_s = 1.0;
     c->missed_beats = 5;
     c->model_hash = "";
+    c->stream_poll_s = 0.5;
     twn_cstate_cfg_default(&c->cs);
     c->hard_batch = c->cs.hard_batch;
 }
@@ -289,7 +290,7 @@ static void on_hello(coord *c, const twn_peer_id *from, const Twn__Hello *h, dou
     env.body_case = TWN__ENVELOPE__BODY_WELCOME;
     env.welcome = &w;
     send_env(c, from, &env);
-    if (twn_cstate_all_done(c->cs)) send_shutdown(c, p, "job finished");
+    if (!c->cfg->streaming && twn_cstate_all_done(c->cs)) send_shutdown(c, p, "job finished");
 }
 
 static void on_hard(coord *c, const Twn__HardItems *h) {
@@ -543,6 +544,37 @@ static void coord_free(coord *c) {
     twn_srcio_close(c->io);
 }
 
+/* Streaming: plans what the kafka:// inputs hold beyond the plan and adds it to the units, the
+ * cstate and the offsets tracker.  -1 only for a bookkeeping failure (a planning failure, e.g. a
+ * broker down, is a warning: tried again at the next poll). */
+static int stream_more(coord *c, twn_err *err) {
+    size_t n_new = 0, n0 = c->plan.n;
+    twn_err e;
+    if (twn_srcio_plan_more(c->io, c->cfg->inputs, c->cfg->n_inputs, c->cfg->unit_items, &c->plan,
+                            &n_new, &e)) {
+        warn("streaming: planning new offsets", &e);
+        n_new = c->plan.n - n0; /* what one topic appended before another failed */
+    }
+    if (!n_new) return 0;
+    c->units = twn_realloc(c->units, (c->plan.n + 1) * sizeof *c->units);
+    c->keys = twn_realloc(c->keys, (c->plan.n + 1) * sizeof *c->keys);
+    memset(&c->units[n0], 0, n_new * sizeof *c->units);
+    twn_unit_spec *specs = twn_calloc(n_new, sizeof *specs);
+    for (size_t i = 0; i < c->plan.n; i++) c->units[i].u = &c->plan.v[i]; /* v moved */
+    for (size_t i = n0; i < c->plan.n; i++) {
+        const twn_src_unit *u = &c->plan.v[i];
+        c->units[i].key = twn_unit_key(u->path, u->start, u->end - u->start);
+        c->keys[i] = (keyidx){c->units[i].key, (uint32_t)i};
+        specs[i - n0] = (twn_unit_spec){c->units[i].key, (uint32_t)u->count};
+    }
+    c->n = c->plan.n;
+    qsort(c->keys, c->n, sizeof *c->keys, keyidx_cmp);
+    int rc = twn_cstate_add_units(c->cs, specs, n_new, err) || twn_offsets_extend(c->offs, err);
+    twn_free(specs);
+    if (!rc) twn_debug("coordinator: streaming: %zu new unit(s), %zu in all", n_new, c->n);
+    return rc ? -1 : 0;
+}
+
 int twn_coord_run(const twn_coord_cfg *cfg, twn_coord_summary *sum, twn_err *err) {
     coord c = {0};
     c.cfg = cfg;
@@ -558,6 +590,17 @@ int twn_coord_run(const twn_coord_cfg *cfg, twn_coord_summary *sum, twn_err *err
         twn_srcio_plan(c.io, cfg->inputs, cfg->n_inputs, cfg->unit_items, &c.plan, NULL, err) ||
         twn_offsets_new(&c.plan, 0.2, &c.offs, err))
         goto out;
+    if (cfg->streaming) {
+        size_t nk = 0;
+        for (size_t i = 0; i < cfg->n_inputs; i++)
+            nk += twn_srcio_store_of(cfg->inputs[i]) == TWN_STORE_KAFKA;
+        if (!nk) {
+            twn_err_set(err, "config: kafka.streaming = true but job.inputs has no kafka:// "
+                             "input; expected at least one kafka://topic (or kafka.streaming = "
+                             "false)");
+            goto out;
+        }
+    }
     c.n = c.plan.n;
     c.units = twn_calloc(c.n + 1, sizeof *c.units);
     c.keys = twn_calloc(c.n + 1, sizeof *c.keys);
@@ -607,13 +650,27 @@ int twn_coord_run(const twn_coord_cfg *cfg, twn_coord_summary *sum, twn_err *err
      * once: expect_peers).  Peers of the previous incarnation, and processes restarted after it
      * ended (an indexer killed while finishing its snapshot), may still be waiting for their
      * Shutdown: listen for them as long as a peer may be silent before it counts as dead. */
-    double t_rerun = twn_cstate_all_done(c.cs) && !cfg->expect_peers
+    double t_rerun = !cfg->streaming && twn_cstate_all_done(c.cs) && !cfg->expect_peers
                          ? cfg->heartbeat_s * (cfg->missed_beats > 0 ? cfg->missed_beats : 1)
                          : 0;
-    while (!twn_cstate_all_done(c.cs)) {
-        if (cfg->stop && *cfg->stop) {
+    double next_poll = twn_now() + cfg->stream_poll_s, drain_until = 0;
+    int draining = 0;
+    while (cfg->streaming || !twn_cstate_all_done(c.cs)) {
+        if (cfg->stop && *cfg->stop && !cfg->streaming) {
             twn_err_set(err, "coordinator: stopped before the job finished");
             goto out;
+        }
+        if (cfg->stop && *cfg->stop && !draining) {
+            draining = 1; /* streaming: no new leases; the ones in flight may still finish */
+            drain_until = twn_now() + cfg->cs.unit_lease.lease_s;
+        }
+        if (draining) {
+            twn_cstate_stats st;
+            twn_cstate_stats_get(c.cs, &st);
+            if ((!st.unit_leases_live && !st.hard_leases_live) || twn_now() > drain_until) break;
+        } else if (cfg->streaming && twn_now() >= next_poll) {
+            if (stream_more(&c, err)) goto out;
+            next_poll = twn_now() + cfg->stream_poll_s;
         }
         twn_peer_id from;
         Twn__Envelope *m = NULL;
@@ -644,7 +701,7 @@ int twn_coord_run(const twn_coord_cfg *cfg, twn_coord_summary *sum, twn_err *err
         twn_cmetrics_update(&c.metrics, c.cs, now, 0);
         if (twn_offsets_commit(c.offs, c.io, twn_cstate_low_water(c.cs), now, 0, &e))
             warn("Kafka commit", &e); /* retried on a later pass */
-        for (size_t i = 0; i < twn_peers_count(c.peers); i++) {
+        for (size_t i = 0; i < twn_peers_count(c.peers) && !draining; i++) {
             twn_peer *p = twn_peers_at(c.peers, i);
             if (!p->alive || !p->user) continue;
             if (p->role == TWN__ROLE__ROLE_GATE)
@@ -656,7 +713,14 @@ int twn_coord_run(const twn_coord_cfg *cfg, twn_coord_summary *sum, twn_err *err
     twn_cmetrics_update(&c.metrics, c.cs, twn_now(), 1);
     twn_cstate_stats st;
     twn_cstate_stats_get(c.cs, &st);
-    if (twn_cstate_close(c.cs, err)) {
+    uint32_t final_low = (uint32_t)c.n;
+    if (cfg->streaming) {
+        /* no JOB_FINISHED: a stream is never finished; what is done is made durable */
+        if (twn_cstate_sync(c.cs, err)) goto out;
+        final_low = twn_cstate_low_water(c.cs);
+        st.low_water = final_low;
+        twn_cstate_abandon(c.cs); /* nothing left unwritten after the sync */
+    } else if (twn_cstate_close(c.cs, err)) {
         c.cs = NULL;
         goto out;
     }
@@ -666,12 +730,12 @@ int twn_coord_run(const twn_coord_cfg *cfg, twn_coord_summary *sum, twn_err *err
      * units done. */
     for (int tries = 0; tries < 3; tries++) {
         twn_err e;
-        if (!twn_offsets_commit(c.offs, c.io, (uint32_t)c.n, twn_now(), 1, &e)) break;
+        if (!twn_offsets_commit(c.offs, c.io, final_low, twn_now(), 1, &e)) break;
         warn("final Kafka commit", &e);
     }
     for (size_t i = 0; i < twn_peers_count(c.peers); i++) {
         twn_peer *p = twn_peers_at(c.peers, i);
-        if (p->alive) send_shutdown(&c, p, "job finished");
+        if (p->alive) send_shutdown(&c, p, cfg->streaming ? "stream stopped" : "job finished");
     }
     /* Every peer answers Shutdown with a Shutdown of its own once it has it (the ROUTER must stay
      * open until then, or the message dies in its queue).  End as soon as each peer has answered

@@ -52,7 +52,19 @@ typedef struct twn_coord_cfg {
     const twn_curve_cfg *curve;
     /* frame / ZeroMQ message limit (limits.max_message_bytes); 0 = 64 MiB (transport.h) */
     size_t max_message_bytes;
-    volatile int *stop; /* optional: set non-zero to stop early (returns -1) */
+    volatile int *stop; /* optional: set non-zero to stop early (returns -1; streaming: 0) */
+    /* kafka.streaming: the job never ends by itself.  Every stream_poll_s (0.5 s) the high
+     * watermarks of the kafka:// inputs are read again and the offsets beyond the plan are
+     * planned as new units (twn_srcio_plan_more: same unit size); they are journaled as they are
+     * done and the group's offsets follow the durable low water as in batch mode.  Other inputs
+     * are planned once at the start, as in a batch job; a streaming job without a kafka:// input
+     * is refused.  *stop ends it cleanly: no new leases, the leases in flight are drained (until
+     * none is live, or lease_s at most), the journal is committed, the offsets are committed up
+     * to the durable low water, peers get Shutdown, and 0 is returned.  No JOB_FINISHED is
+     * written: a restart plans from the committed offsets (the fingerprint does not cover the
+     * number of units, so the journal is taken) and goes on streaming. */
+    int streaming;
+    double stream_poll_s;
     /* At the end every peer answers Shutdown (or goes silent); the coordinator returns once all
      * have, and at least expect_peers peers have been seen (twn run knows its threads: a re-run
      * of a finished job must still tell each one to stop), or after missed_beats intervals. */
