@@ -18,7 +18,6 @@
 #include "index/service.h"
 #include "worker/worker.h"
 #include "util/fileio.h"
-#include "util/log.h"
 #include "util/mem.h"
 
 typedef struct job {
@@ -28,7 +27,6 @@ typedef struct job {
     twn_indexer_cfg ic;
     twn_role_cfg rc;
     int status;
-    volatile int done; /* set when the role's function has returned */
     twn_err err;
 } job;
 
@@ -50,7 +48,6 @@ static void *job_main(void *arg) {
         j->status = twn_worker_run(&j->rc, &j->err);
         break;
     }
-    __atomic_store_n(&j->done, 1, __ATOMIC_RELEASE);
     return NULL;
 }
 
@@ -200,39 +197,12 @@ int twn_cmd_run(int argc, char **argv) {
      * finished journal is done before they connect). */
     for (size_t i = 1; i <= (size_t)shards; i++) pthread_join(th[i], NULL);
     g_stop = 1;
-    /* Gates and workers see the stop between messages; one blocked in a send to a peer that has
-     * already gone (their DEALER/PUSH sends wait forever by design: nothing is dropped during the
-     * job) would hold the job open, so after a grace of missed_beats heartbeats the context is
-     * shut down, which makes every blocking call return ETERM.  The job's outcome is already
-     * decided by then (the coordinator and the shards have finished). */
-    double grace =
-        (double)J.conf.coordinator.heartbeat_ms / 1000.0 * (double)J.conf.coordinator.missed_beats +
-        1.0;
-    int forced = 0;
-    for (double waited = 0;; waited += 0.01) {
-        size_t left = 0;
-        for (size_t i = (size_t)shards + 1; i < n_jobs; i++)
-            left += !__atomic_load_n(&jobs[i].done, __ATOMIC_ACQUIRE);
-        if (!left) break;
-        if (waited >= grace) {
-            twn_log(TWN_LOG_WARN,
-                    "twn run: %zu gate/worker thread(s) still busy %.1f s after the job ended; "
-                    "shutting their sockets down",
-                    left, grace);
-            zmq_ctx_shutdown(zctx);
-            forced = 1;
-            break;
-        }
-        usleep(10000);
-    }
+    /* Gates and workers see the stop between messages and inside their send retries
+     * (twn_role_send, the shard-credit wait), so the joins below end. */
     for (size_t i = (size_t)shards + 1; i < n_jobs; i++) pthread_join(th[i], NULL);
     twn_prefetch_close(pool);
     int status = 0;
     for (size_t i = 0; i < n_jobs; i++) {
-        if (jobs[i].status && forced && jobs[i].kind >= 2 && !jobs[0].status) {
-            twn_log(TWN_LOG_WARN, "twn run: after the job: %s", jobs[i].err.msg);
-            continue;
-        }
         if (jobs[i].status) {
             fprintf(stderr, "twn run: %s\n", jobs[i].err.msg);
             status = 1;

@@ -18,114 +18,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "engine/tensor.h"
 #include "tests/testutil.h"
+#include "tests/unit/shard_out.h"
 #include "util/mem.h"
 
 enum { N_TINY = 1000 }; /* good items in the tiny-model corpus (see above) */
-
-/* A float16 or float32 .npy matrix [rows, dim] (what index/outdir.c and util/npy.h write). */
-typedef struct {
-    float *v;
-    int rows, dim;
-} mat;
-
-static mat npy_read(const char *path) {
-    size_t n;
-    char *b = tu_read(path, &n);
-    assert_true(n > 10 && !memcmp(b, "\x93NUMPY", 6));
-    size_t hl = (size_t)(unsigned char)b[8] | (size_t)(unsigned char)b[9] << 8, off = 10 + hl;
-    char *hdr = b + 10;
-    int f16 = strstr(hdr, "'<f2'") != NULL;
-    assert_true(f16 || strstr(hdr, "'<f4'"));
-    const char *sh = strstr(hdr, "'shape': (");
-    assert_non_null(sh);
-    mat m = {0};
-    sscanf(sh + 10, "%d, %d", &m.rows, &m.dim);
-    m.v = twn_malloc(sizeof(float) * (size_t)(m.rows ? m.rows : 1) * (m.dim ? m.dim : 1));
-    for (size_t i = 0; i < (size_t)m.rows * m.dim; i++) {
-        if (f16) {
-            uint16_t h;
-            memcpy(&h, b + off + 2 * i, 2);
-            m.v[i] = twn_f16_to_f32(h);
-        } else
-            memcpy(&m.v[i], b + off + 4 * i, 4);
-    }
-    free(b);
-    return m;
-}
-
-/* Lines of a JSONL file as parsed objects. */
-static json_t *jsonl_read(const char *path) {
-    size_t n;
-    char *b = tu_read(path, &n);
-    json_t *arr = json_array();
-    char *save = NULL;
-    for (char *l = strtok_r(b, "\n", &save); l; l = strtok_r(NULL, "\n", &save)) {
-        json_error_t je;
-        json_t *o = json_loads(l, 0, &je);
-        /* u64 keys (faiss ids, unit keys) above INT64_MAX are beyond jansson's integers */
-        if (!o) o = json_loads(l, JSON_DECODE_INT_AS_REAL, &je);
-        if (!o) fail_msg("%s: %s: %s", path, je.text, l);
-        json_array_append_new(arr, o);
-    }
-    free(b);
-    return arr;
-}
-
-/* An integer field that may have been read as a real (see jsonl_read). */
-static long long jint(json_t *o, const char *key) {
-    json_t *v = json_object_get(o, key);
-    return json_is_integer(v) ? (long long)json_integer_value(v) : (long long)json_real_value(v);
-}
-
-/* Every shard's current output: ids -> (vector, item metadata). */
-typedef struct {
-    json_t *items; /* id -> {"row": global row, ...} */
-    mat all;
-} shards;
-
-static shards shards_read(const char *out, int n_shards) {
-    shards s = {json_object(), {0}};
-    size_t cap = 0;
-    for (int k = 0; k < n_shards; k++) {
-        char cur[1024], snap[1024], p[1200];
-        snprintf(cur, sizeof cur, "%s/shard-%05d/CURRENT", out, k);
-        size_t n;
-        char *name = tu_read(cur, &n);
-        while (n && (name[n - 1] == '\n' || name[n - 1] == ' ')) name[--n] = 0;
-        snprintf(snap, sizeof snap, "%s/shard-%05d/%s", out, k, name);
-        free(name);
-        snprintf(p, sizeof p, "%s/embeddings.npy", snap);
-        mat m = npy_read(p);
-        snprintf(p, sizeof p, "%s/items.jsonl", snap);
-        json_t *items = jsonl_read(p);
-        assert_int_equal((int)json_array_size(items), m.rows);
-        if (!s.all.dim) s.all.dim = m.dim;
-        assert_int_equal(m.dim, s.all.dim);
-        s.all.v = twn_realloc(s.all.v, sizeof(float) * (cap + (size_t)m.rows) * m.dim);
-        memcpy(s.all.v + cap * m.dim, m.v, sizeof(float) * (size_t)m.rows * m.dim);
-        size_t i;
-        json_t *it;
-        json_array_foreach(items, i, it) {
-            const char *id = json_string_value(json_object_get(it, "id"));
-            assert_non_null(id);
-            if (json_object_get(s.items, id)) fail_msg("id %s is in the index twice", id);
-            json_object_set_new(it, "row", json_integer((json_int_t)(cap + i)));
-            json_object_set(s.items, id, it);
-        }
-        cap += (size_t)m.rows;
-        s.all.rows = (int)cap;
-        json_decref(items);
-        twn_free(m.v);
-    }
-    return s;
-}
-
-static void shards_free(shards *s) {
-    json_decref(s->items);
-    twn_free(s->all.v);
-}
 
 static void test_tiny_model_end_to_end(void **st) {
     const char *dir = tu_tmpdir("run-tiny");
@@ -159,12 +56,12 @@ static void test_tiny_model_end_to_end(void **st) {
              tu_tiny_model(), in, emb);
     assert_int_equal(tu_run(cmd, NULL), 0);
 
-    shards s = shards_read(out, 3);
+    tp_shards s = tp_shards_read(out, 3);
     char p[1200];
     snprintf(p, sizeof p, "%s/embeddings.npy", emb);
-    mat ref = npy_read(p);
+    tp_mat ref = tp_npy_read(p);
     snprintf(p, sizeof p, "%s/items.jsonl", emb);
-    json_t *ref_items = jsonl_read(p);
+    json_t *ref_items = tp_jsonl_read(p);
     assert_int_equal((int)json_array_size(ref_items), N_TINY);
     assert_int_equal(s.all.rows, N_TINY); /* every good item once, nothing else */
     size_t i;
@@ -174,8 +71,8 @@ static void test_tiny_model_end_to_end(void **st) {
         const char *id = json_string_value(json_object_get(r, "id"));
         json_t *got = json_object_get(s.items, id);
         if (!got) fail_msg("%s is missing from the index", id);
-        int grow = (int)jint(got, "row");
-        int rrow = (int)jint(r, "row");
+        int grow = (int)tp_jint(got, "row");
+        int rrow = (int)tp_jint(r, "row");
         for (int k = 0; k < ref.dim; k++) {
             float a = s.all.v[(size_t)grow * ref.dim + k], b = ref.v[(size_t)rrow * ref.dim + k];
             if (fabsf(a - b) > 1e-3f * fmaxf(1.f, fabsf(b)))
@@ -183,7 +80,7 @@ static void test_tiny_model_end_to_end(void **st) {
         }
         assert_string_equal(json_string_value(json_object_get(got, "route")),
                             json_string_value(json_object_get(r, "route")));
-        assert_int_equal(jint(got, "think_tokens"), jint(r, "think_tokens"));
+        assert_int_equal(tp_jint(got, "think_tokens"), tp_jint(r, "think_tokens"));
         hard += !strcmp(json_string_value(json_object_get(r, "route")), "hard");
     }
     assert_true(hard > 0 && hard < N_TINY); /* both paths ran */
@@ -210,7 +107,7 @@ static void test_tiny_model_end_to_end(void **st) {
     assert_non_null(strstr(res, want));
     free(res);
     snprintf(p, sizeof p, "%s/dead_letter.jsonl", out);
-    json_t *dl = jsonl_read(p);
+    json_t *dl = tp_jsonl_read(p);
     assert_int_equal((int)json_array_size(dl), 3);
     char *all = json_dumps(dl, 0);
     assert_non_null(strstr(all, "ghost"));
@@ -219,7 +116,7 @@ static void test_tiny_model_end_to_end(void **st) {
     json_decref(dl);
     json_decref(ref_items);
     twn_free(ref.v);
-    shards_free(&s);
+    tp_shards_free(&s);
 }
 
 static void test_null_engine_20k_items(void **st) {
@@ -240,12 +137,12 @@ static void test_null_engine_20k_items(void **st) {
         int rc = tu_run(cmd, &log);
         if (rc) fail_msg("twn run failed (%d): %s", rc, log);
         free(log);
-        shards s = shards_read(out, 4);
+        tp_shards s = tp_shards_read(out, 4);
         assert_int_equal(s.all.rows, 20000);
         assert_int_equal((int)json_object_size(s.items), 20000);
         assert_non_null(json_object_get(s.items, "n00000"));
         assert_non_null(json_object_get(s.items, "n19999"));
-        shards_free(&s);
+        tp_shards_free(&s);
     }
 }
 

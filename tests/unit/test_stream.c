@@ -34,6 +34,7 @@
 #include "gate_service/null_engine.h"
 #include "index/service.h"
 #include "tests/testutil.h"
+#include "tests/unit/shard_out.h"
 #include "util/clock.h"
 #include "util/mem.h"
 #include "util/vec.h"
@@ -324,52 +325,19 @@ static run_result run_stream(const char *out, const twn_srcio_cfg *io, driver *d
 // ------------------------------------------------------------------------------------------------
 // What the index and the journal hold
 
-static json_t *jsonl_read(const char *path) {
-    size_t n;
-    char *b = tu_read(path, &n);
-    json_t *arr = json_array();
-    char *save = NULL;
-    for (char *l = strtok_r(b, "\n", &save); l; l = strtok_r(NULL, "\n", &save)) {
-        json_error_t je;
-        json_t *o = json_loads(l, JSON_DECODE_INT_AS_REAL, &je);
-        if (!o) fail_msg("%s: %s: %s", path, je.text, l);
-        json_array_append_new(arr, o);
-    }
-    free(b);
-    return arr;
-}
-
 /* Every id of g_good exactly once in the shards' current snapshots, and nothing else. */
 static void assert_index_exact(const char *out, int shards) {
-    json_t *ids = json_object();
-    for (int k = 0; k < shards; k++) {
-        char cur[1200], p[1400];
-        snprintf(cur, sizeof cur, "%s/shard-%05d/CURRENT", out, k);
-        size_t n;
-        char *name = tu_read(cur, &n);
-        while (n && (name[n - 1] == '\n' || name[n - 1] == ' ')) name[--n] = 0;
-        snprintf(p, sizeof p, "%s/shard-%05d/%s/items.jsonl", out, k, name);
-        free(name);
-        json_t *items = jsonl_read(p);
-        size_t i;
-        json_t *it;
-        json_array_foreach(items, i, it) {
-            const char *id = json_string_value(json_object_get(it, "id"));
-            assert_non_null(id);
-            if (json_object_get(ids, id)) fail_msg("id %s is in the index twice", id);
-            if (!json_object_get(g_good, id))
-                fail_msg("id %s is in the index but was never sent", id);
-            json_object_set_new(ids, id, json_true());
-        }
-        json_decref(items);
-    }
+    tp_shards s = tp_shards_read(out, shards); /* fails on an id seen twice */
     const char *id;
     json_t *v;
-    json_object_foreach(g_good, id, v) {
-        if (!json_object_get(ids, id)) fail_msg("%s is missing from the index", id);
+    json_object_foreach(s.items, id, v) {
+        if (!json_object_get(g_good, id)) fail_msg("id %s is in the index but was never sent", id);
     }
-    assert_int_equal(json_object_size(ids), json_object_size(g_good));
-    json_decref(ids);
+    json_object_foreach(g_good, id, v) {
+        if (!json_object_get(s.items, id)) fail_msg("%s is missing from the index", id);
+    }
+    assert_int_equal(json_object_size(s.items), json_object_size(g_good));
+    tp_shards_free(&s);
 }
 
 static int count_recs(void *ctx, const twn_jrec *r, twn_err *err) {
