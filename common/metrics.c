@@ -475,80 +475,70 @@ void twn_metrics_render(twn_metrics *m, twn_str *out) {
     pthread_mutex_unlock(&m->mu);
 }
 
-static void json_str(twn_str *out, const char *s) {
-    twn_str_puts(out, "\"");
-    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
-        if (*p == '"' || *p == '\\')
-            twn_str_printf(out, "\\%c", *p);
-        else if (*p < 0x20)
-            twn_str_printf(out, "\\u%04x", *p);
-        else
-            twn_str_append(out, (const char *)p, 1);
-    }
-    twn_str_puts(out, "\"");
+json_t *twn_json_number(double v) {
+    if (!isfinite(v)) return json_null();
+    if (v == floor(v) && fabs(v) < 1e15) return json_integer((json_int_t)v);
+    return json_real(v);
 }
 
-static void json_num(twn_str *out, double v) {
-    char num[40];
-    if (!isfinite(v)) {
-        twn_str_puts(out, "null");
-        return;
-    }
-    fmt_double(num, v);
-    twn_str_puts(out, num);
-}
+/* Label values are whatever the code put there; bytes that are not UTF-8 are kept as they are,
+ * as in the text exposition. */
+static json_t *jstr(const char *s) { return json_stringn_nocheck(s, strlen(s)); }
 
-void twn_metrics_render_json(twn_metrics *m, twn_str *out) {
-    twn_str_puts(out, "[");
-    if (!m) {
-        twn_str_puts(out, "]");
-        return;
-    }
+json_t *twn_metrics_json(twn_metrics *m) {
+    json_t *all = json_array();
+    if (!m) return all;
     pthread_mutex_lock(&m->mu);
     family **fs = sorted_families(m);
     for (size_t i = 0; i < m->n_families; i++) {
         const family *f = fs[i];
-        twn_str_puts(out, i ? ",{\"name\":" : "{\"name\":");
-        json_str(out, f->name);
-        twn_str_printf(out, ",\"type\":\"%s\",\"help\":", type_name(f->type));
-        json_str(out, f->help);
-        twn_str_puts(out, ",\"series\":[");
+        json_t *jf = json_object(), *jss = json_array();
+        json_object_set_new(jf, "name", jstr(f->name));
+        json_object_set_new(jf, "type", json_string(type_name(f->type)));
+        json_object_set_new(jf, "help", jstr(f->help));
+        json_object_set_new(jf, "series", jss);
+        json_array_append_new(all, jf);
         series **ss = sorted_series(f);
         for (size_t k = 0; k < f->n_series; k++) {
             const series *s = ss[k];
-            twn_str_puts(out, k ? ",{\"labels\":{" : "{\"labels\":{");
-            for (size_t l = 0; l < s->n_labels; l++) {
-                if (l) twn_str_puts(out, ",");
-                json_str(out, s->keys[l]);
-                twn_str_puts(out, ":");
-                json_str(out, s->vals[l]);
-            }
-            twn_str_puts(out, "}");
+            json_t *js = json_object(), *jl = json_object();
+            for (size_t l = 0; l < s->n_labels; l++)
+                json_object_set_new_nocheck(jl, s->keys[l], jstr(s->vals[l]));
+            json_object_set_new(js, "labels", jl);
+            json_array_append_new(jss, js);
             if (f->type != TWN_METRIC_HISTOGRAM) {
-                twn_str_puts(out, ",\"value\":");
-                json_num(out, series_value(f, s));
-                twn_str_puts(out, "}");
+                json_object_set_new(js, "value", twn_json_number(series_value(f, s)));
                 continue;
             }
-            twn_str_puts(out, ",\"le\":[");
-            for (size_t b = 0; b < f->n_bounds; b++) {
-                if (b) twn_str_puts(out, ",");
-                json_num(out, f->bounds[b]);
-            }
-            twn_str_puts(out, "],\"buckets\":[");
+            json_t *le = json_array(), *bk = json_array();
+            for (size_t b = 0; b < f->n_bounds; b++)
+                json_array_append_new(le, twn_json_number(f->bounds[b]));
             uint64_t cum = 0;
             for (size_t b = 0; b < s->n_buckets; b++) {
                 cum += atomic_load_explicit(&s->buckets[b], memory_order_relaxed);
-                twn_str_printf(out, "%s%llu", b ? "," : "", (unsigned long long)cum);
+                json_array_append_new(bk, json_integer((json_int_t)cum));
             }
-            twn_str_puts(out, "],\"sum\":");
-            json_num(out, bits_to_d(atomic_load_explicit(&s->bits, memory_order_relaxed)));
-            twn_str_printf(out, ",\"count\":%llu}", (unsigned long long)cum);
+            json_object_set_new(js, "le", le);
+            json_object_set_new(js, "buckets", bk);
+            json_object_set_new(
+                js, "sum",
+                twn_json_number(bits_to_d(atomic_load_explicit(&s->bits, memory_order_relaxed))));
+            json_object_set_new(js, "count", json_integer((json_int_t)cum));
         }
         twn_free(ss);
-        twn_str_puts(out, "]}");
     }
     twn_free(fs);
     pthread_mutex_unlock(&m->mu);
-    twn_str_puts(out, "]");
+    return all;
+}
+
+void twn_json_append(twn_str *out, json_t *j) {
+    char *t = json_dumps(j, TWN_JSON_FLAGS);
+    if (t) twn_str_puts(out, t);
+    free(t);
+    json_decref(j);
+}
+
+void twn_metrics_render_json(twn_metrics *m, twn_str *out) {
+    twn_json_append(out, twn_metrics_json(m));
 }

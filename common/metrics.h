@@ -45,6 +45,8 @@
  *   twn_p_think                          histogram gate probabilities of the items the gate saw
  *   twn_gate_routed_total{route}         counter  the gate's routing decisions: easy | hard |
  *                                                 rejected
+ *   twn_gate_batches_total               counter  gate passes (filled across held unit leases)
+ *   twn_gate_batch_items_total           counter  items in them (/ passes: the batch fill)
  *
  *   indexer (index/service.c)
  *   twn_wal_fsync_seconds{shard}         histogram seconds per group commit (WAL write + fsync)
@@ -57,6 +59,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <jansson.h>
 
 #include "util/err.h"
 #include "util/vec.h"
@@ -123,6 +126,15 @@ void twn_metrics_render(twn_metrics *m, twn_str *out);
  *       {"labels":{"k":"v"},"value":N} | {"labels":{..},"le":[..],"buckets":[cumulative..],
  *        "sum":S,"count":C}]}] */
 void twn_metrics_render_json(twn_metrics *m, twn_str *out);
+/* The same array as a jansson value (the caller owns it). */
+json_t *twn_metrics_json(twn_metrics *m);
+
+/* A JSON number for v: an integer when v is integral (and below 1e15), null when not finite. */
+json_t *twn_json_number(double v);
+/* Compact, keys in insertion order, reals with 15 significant digits (0.1 stays "0.1"). */
+#define TWN_JSON_FLAGS (JSON_COMPACT | JSON_REAL_PRECISION(15))
+/* Appends json_dumps(j, TWN_JSON_FLAGS) to out and releases j. */
+void twn_json_append(twn_str *out, json_t *j);
 
 /* The Content-Type of twn_metrics_render's output. */
 #define TWN_METRICS_CONTENT_TYPE "text/plain; version=0.0.4; charset=utf-8"

@@ -27,6 +27,12 @@ twn_frame_opts twn_frame_opts_default(void) {
     return o;
 }
 
+twn_frame_opts twn_frame_opts_for(const char *endpoint) {
+    twn_frame_opts o = twn_frame_opts_default();
+    if (!endpoint || strncmp(endpoint, "tcp://", 6) != 0) o.zstd_threshold = 0;
+    return o;
+}
+
 void twn_payload_free(twn_payload *p) {
     if (!p) return;
     twn_free(p->owned);

@@ -40,18 +40,9 @@ static int shard_cmp(const void *a, const void *b) {
     return x < y ? -1 : x > y;
 }
 
-/* A JSON number: integers exactly, large values to the millisecond, others with 6 significant
- * digits; null when not finite. */
-static void num(twn_str *out, const char *key, double v) {
-    if (key) twn_str_printf(out, "\"%s\":", key);
-    if (!isfinite(v))
-        twn_str_puts(out, "null");
-    else if (v == (double)(long long)v)
-        twn_str_printf(out, "%lld", (long long)v);
-    else if (fabs(v) >= 1e5)
-        twn_str_printf(out, "%.3f", v); /* unix times, large rates */
-    else
-        twn_str_printf(out, "%.6g", v);
+/* Sets key to a number (twn_json_number) in object o. */
+static void num(json_t *o, const char *key, double v) {
+    json_object_set_new(o, key, twn_json_number(v));
 }
 
 void twn_status_json(twn_metrics *m, twn_str *out) {
@@ -68,62 +59,50 @@ void twn_status_json(twn_metrics *m, twn_str *out) {
     double rate = get(m, "twn_items_per_second", NULL);
     int done = units_total > 0 && units_done >= units_total;
     double eta = done ? 0 : rate > 0 && total >= done_items ? (total - done_items) / rate : NAN;
-
-    twn_str_puts(out, "{\"version\":1,");
-    twn_str_printf(out, "\"time\":%.3f,", now);
-    num(out, "start_time", start);
-    twn_str_puts(out, ",");
     double end = get(m, "twn_job_end_time_seconds", NULL);
-    num(out, "elapsed_s", start <= 0 ? 0 : (done && end > 0 ? end : now) - start);
-    twn_str_printf(out, ",\"done\":%s,\"units\":{", done ? "true" : "false");
-    num(out, "done", units_done);
-    twn_str_puts(out, ",");
-    num(out, "total", units_total);
-    twn_str_puts(out, "},\"items\":{");
-    num(out, "total", total);
-    twn_str_puts(out, ",");
-    num(out, "done", done_items);
-    twn_str_puts(out, ",");
-    num(out, "easy", easy);
-    twn_str_puts(out, ",");
-    num(out, "hard", hard);
-    twn_str_puts(out, ",");
-    num(out, "rejected", rej);
-    twn_str_puts(out, "},");
-    num(out, "rate", rate);
-    twn_str_puts(out, ",");
-    num(out, "eta_s", eta);
-    twn_str_puts(out, ",");
-    num(out, "think_tokens", get(m, "twn_think_tokens_total", NULL));
-    twn_str_puts(out, ",");
-    num(out, "tokens_saved", get(m, "twn_think_tokens_saved", NULL));
-    twn_str_puts(out, ",");
-    num(out, "dead_letters", twn_metrics_sum(m, "twn_dead_letters_total"));
-    twn_str_puts(out, ",\"queues\":{");
-    num(out, "units", get(m, "twn_queue_depth", "queue=units"));
-    twn_str_puts(out, ",");
-    num(out, "hard", get(m, "twn_queue_depth", "queue=hard"));
-    twn_str_puts(out, "},\"leases\":{");
-    num(out, "active_unit", get(m, "twn_leases_active", "lease=unit"));
-    twn_str_puts(out, ",");
-    num(out, "active_hard", get(m, "twn_leases_active", "lease=hard"));
-    twn_str_puts(out, ",");
-    num(out, "expired_unit", get(m, "twn_lease_expiries_total", "lease=unit"));
-    twn_str_puts(out, ",");
-    num(out, "expired_hard", get(m, "twn_lease_expiries_total", "lease=hard"));
-    twn_str_puts(out, "},\"shards\":[");
+
+    json_t *j = json_object(), *units = json_object(), *items = json_object();
+    json_t *queues = json_object(), *leases = json_object(), *shards = json_array();
+    num(j, "version", 1);
+    json_object_set_new(j, "time", json_real(now));
+    num(j, "start_time", start);
+    num(j, "elapsed_s", start <= 0 ? 0 : (done && end > 0 ? end : now) - start);
+    json_object_set_new(j, "done", json_boolean(done));
+    num(units, "done", units_done);
+    num(units, "total", units_total);
+    json_object_set_new(j, "units", units);
+    num(items, "total", total);
+    num(items, "done", done_items);
+    num(items, "easy", easy);
+    num(items, "hard", hard);
+    num(items, "rejected", rej);
+    json_object_set_new(j, "items", items);
+    num(j, "rate", rate);
+    num(j, "eta_s", eta);
+    num(j, "think_tokens", get(m, "twn_think_tokens_total", NULL));
+    num(j, "tokens_saved", get(m, "twn_think_tokens_saved", NULL));
+    num(j, "dead_letters", twn_metrics_sum(m, "twn_dead_letters_total"));
+    num(queues, "units", get(m, "twn_queue_depth", "queue=units"));
+    num(queues, "hard", get(m, "twn_queue_depth", "queue=hard"));
+    json_object_set_new(j, "queues", queues);
+    num(leases, "active_unit", get(m, "twn_leases_active", "lease=unit"));
+    num(leases, "active_hard", get(m, "twn_leases_active", "lease=hard"));
+    num(leases, "expired_unit", get(m, "twn_lease_expiries_total", "lease=unit"));
+    num(leases, "expired_hard", get(m, "twn_lease_expiries_total", "lease=hard"));
+    json_object_set_new(j, "leases", leases);
     shard_list sl = {0};
     twn_metrics_foreach(m, "twn_shard_acked_items_total", visit_shard, &sl);
     if (sl.n) qsort(sl.v, sl.n, sizeof *sl.v, shard_cmp);
     for (size_t i = 0; i < sl.n; i++) {
-        twn_str_printf(out, "%s{\"shard\":%ld,", i ? "," : "", sl.v[i].shard);
-        num(out, "acked", sl.v[i].acked);
-        twn_str_puts(out, "}");
+        json_t *o = json_object();
+        num(o, "shard", (double)sl.v[i].shard);
+        num(o, "acked", sl.v[i].acked);
+        json_array_append_new(shards, o);
     }
     twn_free(sl.v);
-    twn_str_puts(out, "],\"metrics\":");
-    twn_metrics_render_json(m, out);
-    twn_str_puts(out, "}");
+    json_object_set_new(j, "shards", shards);
+    json_object_set_new(j, "metrics", twn_metrics_json(m));
+    twn_json_append(out, j);
 }
 
 static int page_handler(void *ctx, const char *path, twn_str *body, const char **type) {
