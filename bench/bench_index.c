@@ -1,29 +1,35 @@
 /* bench_index.c — how fast one index shard ingests vectors, and how much memory it holds.
  *
  * usage: bench_index [-w WORKDIR] [-D DIM] [-b BATCH] [-c COMMIT_MS] [-t FAISS_THREADS]
- *                    [FACTORY:N ...]
+ *                    [-m MODES] [FACTORY:N ...]
  *   WORKDIR: where shard directories go (default ./bench-index-tmp, removed afterwards); put it on
  *     the disk the indexer would use, since commits fsync.
  *   DIM: vector dimension (default 1024).  BATCH: items per EmbeddingBatch (default 32 =
  *     gate.batch).  COMMIT_MS: group-commit interval (default 5 = indexer.commit_ms).
  *   FAISS_THREADS: OpenMP threads for FAISS calls (default 1, what `twn run` gives each indexer).
+ *   MODES: which of group,inline,fsync to run beside faiss (default all).
+ *   -Z: frames uncompressed, as gates send them over ipc:// and inproc:// (default: zstd from
+ *     4 KiB, as over tcp://; twn_frame_opts_for).
  *   FACTORY:N: cases to run (default Flat:200000 IVF256,PQ64:200000 HNSW32:5000).
  *
- * Every case runs three child processes on the same deterministic random unit vectors (made
- * once in the parent, shared copy-on-write):
- *   faiss:  FAISS alone through the C API: the same factory string (wrapped in IDMap exactly as
- *           the shard does, twn_build_new), trained on the same first train_size vectors, then
- *           add_with_ids in batches of BATCH.
- *   group:  what index/service.c does per EmbeddingBatch: twn_msg_unpack of the frame (zstd
- *           framing as sent by a gate), twn_batch_get_vectors, twn_shard_add; plus a group commit
- *           (one fsync) once COMMIT_MS of indexer time has passed since the last one started.  The
- *           indexer is assumed saturated (a batch is always waiting), so the clock is the
- *           indexer's busy time; packing the frames (the gate's work) is not timed.
- *   fsync:  the same with twn_shard_commit after every batch (the worst case: one fsync per
- *           batch, e.g. one slow gate).
- * Rates: "steady" = vectors/s after the index is trained (the training batch excluded), the
- * number to compare with FAISS's add rate; "overall" includes training (and the shard's adding
- * of its buffered training sample) and is compared with FAISS's train + add.
+ * Every case packs its EmbeddingBatch frames once in the parent (as a gate packs them for
+ * tcp://, or with -Z for ipc://; the gate's work, not timed) and runs one child process per mode on
+ * them and on the same deterministic random unit vectors (shared copy-on-write): faiss:  FAISS
+ * alone through the C API: the same factory string (wrapped in IDMap exactly as the shard does,
+ * twn_build_new), trained on the same first train_size vectors, then add_with_ids in batches of
+ * BATCH. group:  what index/service.c does per EmbeddingBatch: twn_msg_unpack of the frame,
+ *           twn_indexer_batch_items (items point into the message), twn_shard_add, and the
+ *           group commits (WAL write + one fsync every COMMIT_MS) on the committer thread
+ *           (index/committer.h) while this thread goes on adding.
+ *   inline: the indexer before the committer thread: the vectors copied out of the message
+ *           (twn_batch_get_vectors), the WAL writing full blocks during adds, and the commit in
+ *           the add loop once COMMIT_MS have passed since the previous one started.
+ *   fsync:  inline with a commit after every batch (the worst case: one fsync per batch).
+ * The indexer is assumed saturated (a frame is always waiting), so the clock is the adding
+ * thread's wall time, up to the end of the last commit (everything durable).  * Rates: "steady" =
+ * vectors/s after the index is trained (the training batch excluded), the number to compare with
+ * FAISS's add rate; "overall" includes training (and the shard's adding of its buffered training
+ * sample) and is compared with FAISS's train + add.
  *
  * Memory: each child reads VmRSS before it starts (the shared inputs are already mapped, so they
  * are in it) and VmHWM after ingest and after the final snapshot; the difference is what FAISS
@@ -48,14 +54,16 @@
 
 #include "common/transport.h"
 #include "index/build.h"
+#include "index/committer.h"
+#include "index/ingest.h"
 #include "index/shard.h"
 #include "util/clock.h"
 #include "util/hash.h"
 #include "util/mem.h"
 #include "util/rng.h"
 
-enum { MODE_FAISS, MODE_GROUP, MODE_FSYNC, N_MODES };
-static const char *const mode_name[N_MODES] = {"faiss", "group", "fsync"};
+enum { MODE_FAISS, MODE_GROUP, MODE_INLINE, MODE_FSYNC, N_MODES };
+static const char *const mode_name[N_MODES] = {"faiss", "group", "inline", "fsync"};
 
 typedef struct {
     const char *factory;
@@ -68,12 +76,22 @@ typedef struct {
     int batch;
     double commit_ms;
     int threads;
+    unsigned modes; /* bit per MODE_* to run */
+    int raw_frames; /* -Z: frames not compressed (what gates send over ipc:// and inproc://) */
 } bench_opts;
 
 typedef struct { /* one child's results (written into a shared page) */
     double steady, overall, train, rss0, hwm_ingest, hwm_end, unpack_s, add_s, commit_s;
-    double fsyncs, fsync_ms, snap_s, hwm_train, commits, wal_raw, wal_written, pack_s, frame_bytes;
+    double fsyncs, fsync_ms, snap_s, hwm_train, commits, wal_raw, wal_written;
+    double committer_s; /* group: the committer thread's commit time (overlapped) */
 } child_res;
+
+typedef struct { /* the gate-side frames of a case, packed once in the parent */
+    uint8_t **frame;
+    size_t *len;
+    int n;
+    double pack_s, bytes;
+} frames;
 
 static float *unit_vectors(int n, int d, uint64_t seed) {
     twn_rng r;
@@ -233,25 +251,23 @@ static int pack_batch(const bench_case *c, const float *x, int at, int m, uint64
     return rc;
 }
 
-/* index/service.c's on_batch, minus the acks' bookkeeping: unpack, copy the vectors, add. */
+/* index/service.c's on_batch, minus the acks' bookkeeping: unpack, point the items at the
+ * message (twn_indexer_batch_items; inline mode: copy the vectors out first, as before), add. */
 static int on_frame(twn_shard *s, const uint8_t *frame, size_t len, const twn_frame_opts *fo,
-                    double *unpack_s, twn_err *err) {
+                    int copy, double *unpack_s, twn_err *err) {
     double t0 = twn_now();
     Twn__Envelope *m = NULL;
     if (twn_msg_unpack(frame, len, fo, &m, err)) return -1;
     const Twn__EmbeddingBatch *b = m->embedding_batch;
     size_t n = b->n_items;
-    float *v = twn_malloc(n * b->dim * sizeof *v + 1);
+    float *v = NULL;
     twn_index_item *it = twn_calloc(n + 1, sizeof *it);
     twn_shard_ack *acks = twn_calloc(n + 1, sizeof *acks);
-    int rc = twn_batch_get_vectors(b, v, err);
-    for (size_t i = 0; i < n && !rc; i++) {
-        const Twn__EmbeddingItem *ei = b->items[i];
-        it[i].id = ei->id;
-        it[i].vec = v + i * b->dim;
-        it[i].route = ei->route == TWN__ROUTE__ROUTE_HARD ? TWN_ROUTE_HARD : TWN_ROUTE_EASY;
-        it[i].p_think = ei->p_think;
-        it[i].think_tokens = ei->think_tokens;
+    int rc = twn_indexer_batch_items(b, it, &v, err);
+    if (!rc && copy && !v) { /* the pre-committer path: twn_batch_get_vectors's copy */
+        v = twn_malloc(n * b->dim * sizeof *v + 1);
+        rc = twn_batch_get_vectors(b, v, err);
+        for (size_t i = 0; i < n; i++) it[i].vec = v + i * b->dim;
     }
     *unpack_s += twn_now() - t0;
     if (!rc) rc = twn_shard_add(s, it, n, acks, err);
@@ -262,47 +278,74 @@ static int on_frame(twn_shard *s, const uint8_t *frame, size_t len, const twn_fr
     return rc;
 }
 
-static int run_shard(const bench_case *c, const bench_opts *o, const float *x, const char *dir,
-                     int fsync_each, child_res *r) {
+static int pack_all(const bench_case *c, const bench_opts *o, const float *x, frames *f) {
+    twn_err err = {{0}};
+    twn_frame_opts fo = twn_frame_opts_for(o->raw_frames ? "ipc://x" : "tcp://x");
+    f->n = (c->n + o->batch - 1) / o->batch;
+    f->frame = twn_calloc((size_t)f->n, sizeof *f->frame);
+    f->len = twn_calloc((size_t)f->n, sizeof *f->len);
+    double p0 = twn_now();
+    for (int k = 0; k < f->n; k++) {
+        int at = k * o->batch, m = c->n - at < o->batch ? c->n - at : o->batch;
+        if (pack_batch(c, x, at, m, (uint64_t)k + 1, &fo, &f->frame[k], &f->len[k], &err)) {
+            fprintf(stderr, "bench_index: packing: %s\n", err.msg);
+            return -1;
+        }
+        f->bytes += (double)f->len[k];
+    }
+    f->pack_s = twn_now() - p0;
+    return 0;
+}
+
+static void frames_free(frames *f) {
+    for (int k = 0; k < f->n; k++) twn_free(f->frame[k]);
+    twn_free(f->frame);
+    twn_free(f->len);
+    memset(f, 0, sizeof *f);
+}
+
+/* group: the committer thread commits while this thread adds (what service.c does now);
+ * inline: the commit runs in this thread's loop once COMMIT_MS have passed since the previous one
+ * started, and the vectors are copied out of the message (service.c before the committer);
+ * fsync: inline, one commit per batch.  The clock is this thread's wall time: the indexer is
+ * saturated (the frames are packed beforehand), so it is busy all the time. */
+static int run_shard(const bench_case *c, const bench_opts *o, const frames *f, const char *dir,
+                     int mode, child_res *r) {
     twn_err err = {{0}};
     twn_shard *s;
+    twn_committer *cm = NULL;
     double rss0 = proc_mb("VmRSS:");
     twn_shard_opts so = {.dim = c->dim, .factory = c->factory, .model = "bench", .model_hash = "-"};
+    so.wal_defer_writes = mode == MODE_GROUP;
     if (twn_shard_open(dir, &so, &s, NULL, &err)) goto fail;
+    if (mode == MODE_GROUP && twn_committer_start(s, o->commit_ms, NULL, &cm, &err)) goto fail;
     twn_frame_opts fo = twn_frame_opts_default();
-    double busy = 0, since_commit = 0, unpack_s = 0, add_s = 0, commit_s = 0, pause = 0;
-    double steady_t = 0, pack_s = 0, frame_bytes = 0;
+    double unpack_s = 0, add_s = 0, commit_s = 0, pause = 0, steady_t = 0;
     int steady_n = 0;
     twn_shard_stats st;
     twn_shard_get_stats(s, &st);
     int was_trained = st.trained;
     uint64_t durable;
-    for (int at = 0; at < c->n; at += o->batch) {
-        int m = c->n - at < o->batch ? c->n - at : o->batch;
-        uint8_t *frame;
-        size_t len;
-        double p0 = twn_now();
-        if (pack_batch(c, x, at, m, (uint64_t)at / (uint64_t)o->batch + 1, &fo, &frame, &len, &err))
-            goto fail;
-        pack_s += twn_now() - p0;
-        frame_bytes += (double)len;
+    double t_start = twn_now(), last_commit = t_start;
+    for (int k = 0; k < f->n; k++) {
+        int m = c->n - k * o->batch < o->batch ? c->n - k * o->batch : o->batch;
         double b0 = twn_now(), u0 = unpack_s;
-        int rc = on_frame(s, frame, len, &fo, &unpack_s, &err);
-        twn_free(frame);
-        if (rc) goto fail;
+        if (on_frame(s, f->frame[k], f->len[k], &fo, mode != MODE_GROUP, &unpack_s, &err))
+            goto fail;
         double b1 = twn_now();
         add_s += b1 - b0 - (unpack_s - u0);
-        since_commit += b1 - b0;
-        if (fsync_each || since_commit * 1000.0 >= o->commit_ms) {
+        if (cm) {
+            twn_committer_kick(cm);
+            if (twn_committer_poll(cm, &durable, &err) < 0) goto fail; /* service.c's ack check */
+        } else if (mode == MODE_FSYNC || (b1 - last_commit) * 1000.0 >= o->commit_ms) {
+            last_commit = b1; /* service.c's rule: the interval restarts when a commit starts */
             if (twn_shard_commit(s, &durable, &err)) goto fail;
-            /* service.c restarts its interval when the commit starts, so the fsync's own
-               time counts towards the next one */
-            since_commit = twn_now() - b1;
-            commit_s += since_commit;
+            commit_s += twn_now() - b1;
         }
         double dt = twn_now() - b0;
-        busy += dt;
-        twn_shard_get_stats(s, &st);
+        /* (Once trained, always trained: no more stats calls, which wait for the WAL's I/O
+         * lock, i.e. for a commit the committer thread has in progress.) */
+        if (!was_trained) twn_shard_get_stats(s, &st);
         if (st.trained && !was_trained) {
             pause = dt; /* this batch trained the index and added the buffered sample */
             r->hwm_train = proc_mb("VmHWM:");
@@ -313,9 +356,19 @@ static int run_shard(const bench_case *c, const bench_opts *o, const float *x, c
         was_trained = st.trained;
     }
     double b1 = twn_now();
-    if (twn_shard_commit(s, &durable, &err)) goto fail;
+    twn_committer_stats cst = {0};
+    if (cm) twn_committer_get_stats(cm, &cst);
+    if (twn_committer_stop(cm, &err)) {
+        cm = NULL;
+        goto fail;
+    }
+    cm = NULL;
+    if (twn_shard_commit(s, &durable, &err)) goto fail; /* the last one, as service.c does */
     commit_s += twn_now() - b1;
-    busy += twn_now() - b1;
+    /* Everything is durable only now: a committer thread that fell behind the adds leaves a
+     * backlog (up to TWN_WAL_DEFER_MAX) for this last commit, so it counts as ingest time. */
+    if (steady_n) steady_t += twn_now() - b1;
+    double busy = twn_now() - t_start;
     double hwm_ingest = proc_mb("VmHWM:");
     double s0 = twn_now();
     if (twn_shard_snapshot(s, &err)) goto fail;
@@ -339,18 +392,18 @@ static int run_shard(const bench_case *c, const bench_opts *o, const float *x, c
                      .commits = (double)st.wal.commits,
                      .wal_raw = (double)st.wal.raw_bytes,
                      .wal_written = (double)st.wal.written_bytes,
-                     .pack_s = pack_s,
-                     .frame_bytes = frame_bytes};
+                     .committer_s = cst.commit_seconds};
     if (twn_shard_close(s, &err)) goto fail;
     return 0;
 fail:
-    fprintf(stderr, "bench_index %s: %s\n", fsync_each ? "fsync" : "group", err.msg);
+    twn_committer_stop(cm, NULL);
+    fprintf(stderr, "bench_index %s: %s\n", mode_name[mode], err.msg);
     return 1;
 }
 
 /* Runs one mode in a child (results come back through a shared page); 0 and *r filled, or -1. */
 static int in_child(int mode, const bench_case *c, const bench_opts *o, const float *x,
-                    const char *dir, child_res *r) {
+                    const frames *f, const char *dir, child_res *r) {
     child_res *sh =
         mmap(NULL, sizeof *sh, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     if (sh == MAP_FAILED) return -1;
@@ -361,8 +414,7 @@ static int in_child(int mode, const bench_case *c, const bench_opts *o, const fl
     if (pid == 0) {
         malloc_trim(0); /* the parent's freed heap would otherwise be reused without showing */
         twn_faiss_thread_threads(o->threads);
-        int rc = mode == MODE_FAISS ? run_faiss(c, o, x, sh)
-                                    : run_shard(c, o, x, dir, mode == MODE_FSYNC, sh);
+        int rc = mode == MODE_FAISS ? run_faiss(c, o, x, sh) : run_shard(c, o, f, dir, mode, sh);
         fflush(stdout);
         _exit(rc);
     }
@@ -398,35 +450,49 @@ static int run_case(bench_case *c, const bench_opts *o, int idx) {
     double t0 = twn_now();
     float *x = unit_vectors(c->n, c->dim, 1234);
     printf("   (vectors made in %.1f s)\n", twn_now() - t0);
+    frames f = {0};
+    if (pack_all(c, o, x, &f)) return -1;
+    malloc_trim(0); /* packing's freed scratch: a child inherits its RSS as its starting peak */
     child_res r[N_MODES];
     memset(r, 0, sizeof r);
     for (int mode = 0; mode < N_MODES; mode++) {
+        if (!(o->modes & 1u << mode)) continue;
         if (rm_rf(dir)) return -1;
-        if (in_child(mode, c, o, x, dir, &r[mode])) {
+        printf("   %s: load average %.2f\n", mode_name[mode], loadavg());
+        fflush(stdout);
+        if (in_child(mode, c, o, x, &f, dir, &r[mode])) {
             fprintf(stderr, "bench_index: %s %s child failed\n", c->factory, mode_name[mode]);
             return -1;
         }
         if (rm_rf(dir)) return -1;
     }
     twn_free(x);
+    double pack_s = f.pack_s, frame_bytes = f.bytes;
+    frames_free(&f);
     malloc_trim(0);
     char id[64];
     item_id(id, sizeof id, c->n - 1);
     double id_len = (double)strlen(id);
     printf("| row | steady vec/s | ratio | overall vec/s (train incl.) | ratio | train / pause s "
-           "| unpack s | add s | commit s | commits / fsyncs | mean fsync ms | snapshot s | peak "
-           "MB at training / ingest / end |\n");
-    printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+           "| unpack s | add s | commit s (this thread) | committer thread s | commits / fsyncs | "
+           "mean fsync ms | snapshot s | peak MB at training / ingest / end |\n");
+    printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for (int mode = 0; mode < N_MODES; mode++) {
         const child_res *q = &r[mode];
-        printf("| %s | %.0f | %.2f | %.0f | %.2f | %.2f | %.2f | %.2f | %.2f | %.0f / %.0f | "
-               "%.2f | %.2f | %.1f / %.1f / %.1f |\n",
+        if (!(o->modes & 1u << mode)) continue;
+        printf("| %s | %.0f | %.2f | %.0f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.0f / %.0f "
+               "| %.2f | %.2f | %.1f / %.1f / %.1f |\n",
                mode_name[mode], q->steady, r[0].steady > 0 ? q->steady / r[0].steady : 0,
                q->overall, r[0].overall > 0 ? q->overall / r[0].overall : 0, q->train, q->unpack_s,
-               q->add_s, q->commit_s, q->commits, q->fsyncs, q->fsync_ms, q->snap_s,
+               q->add_s, q->commit_s, q->committer_s, q->commits, q->fsyncs, q->fsync_ms, q->snap_s,
                q->hwm_train > 0 ? q->hwm_train - q->rss0 : 0, q->hwm_ingest - q->rss0,
                q->hwm_end - q->rss0);
     }
+    if (r[MODE_INLINE].steady > 0 && r[MODE_GROUP].steady > 0)
+        printf("group / inline (committer thread vs the commit in the add loop): steady %.2f, "
+               "overall %.2f\n",
+               r[MODE_GROUP].steady / r[MODE_INLINE].steady,
+               r[MODE_GROUP].overall / r[MODE_INLINE].overall);
     int max_centroids = c->nlist > (1 << c->nbits) ? c->nlist : 1 << c->nbits;
     double af = autofaiss_index(c), ft = autofaiss_train(c, c->nlist ? 39.0 * max_centroids : 0);
     double fa = faiss_actual(c), N = c->n;
@@ -446,16 +512,20 @@ static int run_case(bench_case *c, const bench_opts *o, int idx) {
            1e6 * (d_group - d_faiss) / N);
     printf("  twn shard (fsync): %.1f MB peak; WAL %.1f MB raw -> %.1f MB written; gate frames "
            "%.1f MB for %.1f MB of vectors, packed in %.2f s (gate side, not timed above)\n",
-           r[2].hwm_end - r[2].rss0, r[1].wal_raw / 1e6, r[1].wal_written / 1e6,
-           r[1].frame_bytes / 1e6, 4.0 * c->n * c->dim / 1e6, r[1].pack_s);
+           r[MODE_FSYNC].hwm_end - r[MODE_FSYNC].rss0, r[1].wal_raw / 1e6, r[1].wal_written / 1e6,
+           frame_bytes / 1e6, 4.0 * c->n * c->dim / 1e6, pack_s);
     fflush(stdout);
     return 0;
 }
 
 int main(int argc, char **argv) {
-    bench_opts o = {.work = "bench-index-tmp", .batch = 32, .commit_ms = 5, .threads = 1};
+    bench_opts o = {.work = "bench-index-tmp",
+                    .batch = 32,
+                    .commit_ms = 5,
+                    .threads = 1,
+                    .modes = (1u << N_MODES) - 1};
     int dim = 1024, opt;
-    while ((opt = getopt(argc, argv, "w:D:b:c:t:")) != -1) {
+    while ((opt = getopt(argc, argv, "w:D:b:c:t:m:Z")) != -1) {
         switch (opt) {
         case 'w':
             o.work = optarg;
@@ -472,9 +542,27 @@ int main(int argc, char **argv) {
         case 't':
             o.threads = atoi(optarg);
             break;
+        case 'Z':
+            o.raw_frames = 1;
+            break;
+        case 'm': { /* comma-separated mode names; faiss always runs (the baseline) */
+            o.modes = 1u << MODE_FAISS;
+            char buf[256];
+            snprintf(buf, sizeof buf, "%s", optarg);
+            for (char *t = strtok(buf, ","); t; t = strtok(NULL, ",")) {
+                int k = 0;
+                while (k < N_MODES && strcmp(t, mode_name[k])) k++;
+                if (k == N_MODES) {
+                    fprintf(stderr, "bench_index: -m %s: expected faiss,group,inline,fsync\n", t);
+                    return 2;
+                }
+                o.modes |= 1u << k;
+            }
+            break;
+        }
         default:
             fprintf(stderr, "usage: bench_index [-w WORKDIR] [-D DIM] [-b BATCH] [-c COMMIT_MS] "
-                            "[-t FAISS_THREADS] [FACTORY:N ...]\n");
+                            "[-t FAISS_THREADS] [-m MODES] [-Z] [FACTORY:N ...]\n");
             return 2;
         }
     }
@@ -486,7 +574,8 @@ int main(int argc, char **argv) {
     int nc = argc - optind;
     const char *const *spec = nc ? (const char *const *)argv + optind : defaults;
     if (!nc) nc = 3;
-    printf("bench_index: D=%d, workdir %s, load average %.2f\n", dim, o.work, loadavg());
+    printf("bench_index: D=%d, workdir %s, frames %s, load average %.2f\n", dim, o.work,
+           o.raw_frames ? "uncompressed (ipc://, inproc://)" : "zstd (tcp://)", loadavg());
     for (int i = 0; i < nc; i++) {
         char fac[256];
         snprintf(fac, sizeof fac, "%s", spec[i]);

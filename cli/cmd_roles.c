@@ -169,8 +169,9 @@ static int run_role(role_kind role, int argc, char **argv) {
         rc_.id = id;
         rc_.stop = &g_stop;
         /* s3.readers > 1: a gate reads the units it holds leases for ahead (common/prefetch.h) */
-        twn_prefetch *pool = role == ROLE_GATE ? twn_cli_prefetch_open(&j, prog) : NULL;
-        rc_.prefetch = pool;
+        twn_prefetch *pool = twn_cli_prefetch_open(&j, prog);
+        rc_.prefetch = role == ROLE_GATE ? pool : NULL;
+        j.io.pool = pool; /* a batch's s3:// images fetched at once (twn_srcio_fetch_images_n) */
         rc = role == ROLE_GATE ? twn_gate_run(&rc_, &err) : twn_worker_run(&rc_, &err);
         twn_prefetch_close(pool);
         break;

@@ -130,6 +130,7 @@ int twn_cmd_run(int argc, char **argv) {
     const char *control = "inproc://twn-control";
     /* s3.readers > 1: the gates' S3 read-ahead pool, one per process (common/prefetch.h) */
     twn_prefetch *pool = twn_cli_prefetch_open(&J, "twn run");
+    io.pool = pool; /* gates and workers: a batch's s3:// images fetched at once */
     twn_coord_cfg cc;
     twn_cli_coord_cfg(&J, &cc);
     cc.zctx = zctx;

@@ -132,6 +132,8 @@ void twn_cli_coord_cfg(const twn_cli_job *j, twn_coord_cfg *cc) {
     cc->n_inputs = c->job.inputs.n;
     cc->unit_items = (uint64_t)c->job.unit_items;
     cc->streaming = c->kafka.streaming;
+    cc->stream_max_units = (size_t)c->kafka.stream_max_units;
+    cc->cs.journal_compact_bytes = (uint64_t)c->coordinator.journal_compact_bytes;
     cc->journal_path = c->coordinator.journal;
     cc->dead_letter_path = c->job.dead_letter;
     cc->model_hash = j->model_hash;
@@ -145,6 +147,8 @@ void twn_cli_coord_cfg(const twn_cli_job *j, twn_coord_cfg *cc) {
     cc->cs.hard_lease.lease_s = cc->cs.unit_lease.lease_s;
     cc->cs.unit_lease.ack_timeout_s = (double)c->coordinator.ack_timeout_ms / 1000.0;
     cc->cs.hard_lease.ack_timeout_s = cc->cs.unit_lease.ack_timeout_s;
+    cc->cs.unit_lease.stall_s = (double)c->coordinator.stall_ms / 1000.0;
+    cc->cs.hard_lease.stall_s = cc->cs.unit_lease.stall_s;
     /* the lease pools judge silence by the same beat the peers are told to keep */
     cc->cs.unit_lease.heartbeat_s = cc->cs.hard_lease.heartbeat_s = cc->heartbeat_s;
     cc->cs.unit_lease.missed_heartbeats = cc->cs.hard_lease.missed_heartbeats = cc->missed_beats;
@@ -173,9 +177,9 @@ void twn_cli_role_cfg(const twn_cli_job *j, int worker, twn_role_cfg *rc) {
 
 struct twn_prefetch *twn_cli_prefetch_open(const twn_cli_job *j, const char *prog) {
     const twn_conf *c = &j->conf;
-    int s3 = 0;
-    for (size_t i = 0; i < c->job.inputs.n; i++) s3 |= !strncmp(c->job.inputs.v[i], "s3://", 5);
-    if (!s3 || c->s3.readers <= 1) return NULL;
+    /* whatever the inputs: items of local or Kafka inputs may name s3:// images too; the readers
+     * open their clients on their first job, so an idle pool needs no credentials */
+    if (c->s3.readers <= 1) return NULL;
     twn_prefetch *pool = NULL;
     twn_err err = {{0}};
     if (twn_prefetch_open(&j->io.s3, (int)c->s3.readers, 0, &pool, &err)) {
@@ -204,6 +208,9 @@ void twn_cli_indexer_cfg(const twn_cli_job *j, int shard, twn_indexer_cfg *ic) {
     ic->curve = j->has_curve ? &j->curve : NULL;
     ic->max_message_bytes = (size_t)c->limits.max_message_bytes;
     ic->connect_timeout_s = (double)c->coordinator.connect_timeout_ms / 1000.0;
+    ic->out_topic = c->kafka.output_topic;
+    ic->out_brokers = j->io.kafka.brokers;
+    ic->out_props = j->io.kafka.props;
 }
 
 void twn_cli_print_summary(FILE *f, const twn_coord_summary *s) {

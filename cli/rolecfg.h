@@ -50,9 +50,10 @@ void twn_cli_job_close(twn_cli_job *j);
 void twn_cli_coord_cfg(const twn_cli_job *j, twn_coord_cfg *cc);
 void twn_cli_role_cfg(const twn_cli_job *j, int worker, twn_role_cfg *rc);
 void twn_cli_indexer_cfg(const twn_cli_job *j, int shard, twn_indexer_cfg *ic);
-/* The gates' S3 read-ahead pool (common/prefetch.h) when s3.readers > 1 and some input is on
- * s3:// (no idle reader threads for a local or Kafka job); NULL otherwise or when it cannot
- * start (logged: the gates then read on their own). */
+/* The process's S3 reader pool (common/prefetch.h) when s3.readers > 1: gates read s3:// units
+ * ahead with it, gates and workers fetch a batch's s3:// images with it (source_io.h).  Its
+ * threads start on first use, so a job that never needs one has none.  NULL otherwise or when
+ * it cannot start (logged: the roles then read on their own). */
 struct twn_prefetch *twn_cli_prefetch_open(const twn_cli_job *j, const char *prog);
 
 /* The coordinator's one-line summary ("units U items N easy E hard H rejected R think_tokens T

@@ -100,12 +100,21 @@ static const twn_conf_key keys[] = {
     INT("coordinator.ack_timeout_ms", coordinator.ack_timeout_ms, "60000", 1, 8.64e7,
         "after a gate or worker finished a lease, how long the shards' acks may take before the "
         "work is leased again (what a killed indexer had not made durable is redone then)"),
+    INT("coordinator.stall_ms", coordinator.stall_ms, "300000", 0, 8.64e7,
+        "a lease whose progress (listed in its holder's heartbeats) stands still this long is "
+        "leased again although the holder is alive (a hung engine call); longer than the slowest "
+        "gate or reasoning batch; 0 = never"),
     INT("coordinator.connect_timeout_ms", coordinator.connect_timeout_ms, "60000", 0, 8.64e7,
         "a gate, worker or indexer not welcomed by the coordinator within this exits with status "
         "1 (job over or coordinator unreachable); 0 = wait forever"),
+    INT("coordinator.journal_compact_bytes", coordinator.journal_compact_bytes, "4194304", 0,
+        1099511627776, "streaming: the journal is rewritten without the records of released "
+        "units once it is this large and twice its size after the last rewrite; 0 = never"),
 
     INT("gate.count", gate.count, "1", 1, 1024, "gate service threads in twn run"),
-    INT("gate.credits", gate.credits, "2", 1, 1024, "units one gate holds at once"),
+    INT("gate.credits", gate.credits, "2", 1, 1024,
+        "units one gate holds at once; a gate pass is filled across them, so keep it >= "
+        "gate.batch / job.unit_items + 1"),
     INT("gate.batch", gate.batch, "32", 1, 65536, "items per gate pass"),
     INT("worker.count", worker.count, "1", 1, 1024, "reasoning worker threads in twn run"),
     INT("worker.credits", worker.credits, "2", 1, 1024, "hard batches one worker holds at once"),
@@ -163,9 +172,9 @@ static const twn_conf_key keys[] = {
         "s3.path_style", s3.path_style, "auto", "auto|true|false",
         "bucket in the path (true) or in the host name (false); auto: path style with an endpoint"),
     INT("s3.readers", s3.readers, "8", 1, 256,
-        "S3 readers per gate process: units leased behind the current one are fetched ahead by "
-        "this many threads, each with its own connection (1 = no read-ahead; only started for "
-        "s3:// inputs)"),
+        "S3 readers per gate or worker process: units leased behind the current one are fetched "
+        "ahead by this many threads, each with its own connection; the same threads fetch the "
+        "s3:// images items name, a batch at once (1 = neither; threads start when first needed)"),
     SECRET("s3.access_key_id", s3.access_key_id, "empty: $AWS_ACCESS_KEY_ID"),
     SECRET("s3.secret_access_key", s3.secret_access_key, "empty: $AWS_SECRET_ACCESS_KEY"),
     SECRET("s3.session_token", s3.session_token, "empty: $AWS_SESSION_TOKEN"),
@@ -174,12 +183,18 @@ static const twn_conf_key keys[] = {
     STR("kafka.group", kafka.group, "twn", "consumer group whose offsets the coordinator commits"),
     {"kafka.properties", TWN_CONF_MAP, OFF(kafka.properties), "", 0, 0, NULL, NULL, 0,
      "more librdkafka settings, passed through (security.protocol, sasl.*, ...)"},
+    STR("kafka.output_topic", kafka.output_topic, "",
+        "topic each indexer produces every vector it made durable to (key = item id, value = "
+        "twn.EmbeddingRecord; at least once); empty: off"),
     INT("kafka.max_inline_image_bytes", kafka.max_inline_image_bytes, "1048576", 1, 2147483647,
         "decoded size limit of an image carried inside a Kafka message"),
     BOOL("kafka.streaming", kafka.streaming, "false",
          "keep consuming new messages instead of stopping at the end offsets seen at start: the "
          "coordinator plans new offsets every 0.5 s and runs until SIGTERM/SIGINT, then drains its "
          "leases and commits what is durable (needs a kafka:// input)"),
+    INT("kafka.stream_max_units", kafka.stream_max_units, "1024", 1, 1073741824,
+        "streaming: most units the coordinator holds (planned, not yet done and committed); it "
+        "plans no further ahead, so its memory stays bounded however long the stream"),
 };
 
 #define NKEYS (sizeof keys / sizeof *keys)
@@ -869,6 +884,11 @@ int twn_conf_resolve(twn_conf *c, twn_err *err) {
     if (!*c->indexer.listen)
         derive(c, "indexer.listen", c->indexer.endpoints.v[c->indexer.shard],
                "derived from indexer.endpoints and indexer.shard");
+    if (*c->kafka.output_topic && !*c->kafka.brokers)
+        return twn_err_set(err,
+                           "config: kafka.output_topic = \"%s\" (%s) needs kafka.brokers "
+                           "(bootstrap servers host:port[,...]), which is empty",
+                           c->kafka.output_topic, origin_of(c, "kafka.output_topic"));
     return 0;
 }
 

@@ -63,7 +63,8 @@ typedef struct twn_conf {
     struct {
         char *listen, *connect, *journal;
         int64_t heartbeat_ms, missed_beats, hard_batch, lease_ms, connect_timeout_ms;
-        int64_t ack_timeout_ms;
+        int64_t ack_timeout_ms, stall_ms;
+        int64_t journal_compact_bytes; /* streaming */
     } coordinator;
     struct {
         int64_t count, credits, batch;
@@ -94,9 +95,11 @@ typedef struct twn_conf {
     } s3;
     struct {
         char *brokers, *group;
+        char *output_topic; /* index/out_kafka.h; "" = off */
         twn_conf_map properties;
         int64_t max_inline_image_bytes;
         int streaming;
+        int64_t stream_max_units;
     } kafka;
     /* [twn_conf_nkeys()], by table row: where each value came from ("default", "from flag --out",
      * "from job.yaml line 3", "from env TWN_JOB_OUT", "derived from job.out") */

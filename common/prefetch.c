@@ -15,6 +15,7 @@
 #define PREFETCH_MIN_WINDOW ((size_t)64 << 10)
 
 enum { JOB_QUEUED, JOB_RUNNING, JOB_DONE };
+enum { KIND_WINDOW, KIND_OBJECT };
 
 struct twn_prefetch_job {
     twn_prefetch *p;
@@ -28,16 +29,27 @@ struct twn_prefetch_job {
     size_t len;
     uint64_t size; /* the object's, from the HEAD */
     char etag[128];
+    /* KIND_OBJECT: the whole object, at most max_bytes; data/len its bytes, err its failure */
+    int kind;
+    size_t max_bytes;
+    size_t get_reserved; /* bytes reserved while its body is received (under p->mu) */
+    twn_err err;
 };
 
 struct twn_prefetch {
     twn_s3_config cfg;
-    int n;
+    int n, cap; /* reader threads started / at most (they start when jobs wait for one) */
+    int idle;   /* threads waiting for a job */
+    size_t queued;
     pthread_t *th;
     pthread_mutex_t mu;
     pthread_cond_t work, done;
+    pthread_cond_t room; /* held went down */
     twn_prefetch_job *head, *tail;
+    twn_prefetch_job *obj_tail; /* the last object GET in the queue (they come first), or NULL */
     int stop, busy;
+    int get_holders; /* object GETs holding a reservation */
+    size_t get_held; /* the bytes they hold */
     size_t max;
     twn_prefetch_stats st;
 };
@@ -52,6 +64,49 @@ static void job_free(twn_prefetch_job *j) {
 /* Under p->mu. */
 static void release(twn_prefetch *p, size_t n) {
     p->st.held -= n;
+    if (n) pthread_cond_broadcast(&p->room);
+}
+
+static void note_held(twn_prefetch *p) {
+    if (p->st.held > p->st.held_max) p->st.held_max = p->st.held;
+}
+
+/* twn_s3_get_admit's hook for an object GET: reserves the body's bytes, waiting while they do not
+ * fit under max unless no other object GET holds a reservation. */
+static void admit_object(void *user, uint64_t bytes) {
+    twn_prefetch_job *j = user;
+    twn_prefetch *p = j->p;
+    size_t b = bytes > SIZE_MAX / 2 ? SIZE_MAX / 2 : (size_t)bytes;
+    pthread_mutex_lock(&p->mu);
+    int waited = 0;
+    while (p->get_holders > 0 && p->st.held + b > p->max) {
+        waited = 1;
+        pthread_cond_wait(&p->room, &p->mu);
+    }
+    p->st.get_waits += (uint64_t)waited;
+    p->get_holders++;
+    p->get_held += b;
+    p->st.held += b;
+    j->get_reserved = b;
+    note_held(p);
+    if (p->get_held > p->st.get_held_max) p->st.get_held_max = p->get_held;
+    pthread_mutex_unlock(&p->mu);
+}
+
+static void fetch_object(twn_s3 **s, const twn_s3_config *cfg, twn_prefetch_job *j) {
+    twn_prefetch *p = j->p;
+    if (!*s && twn_s3_open(cfg, s, &j->err)) return;
+    int rc = twn_s3_get_admit(*s, j->u.bucket, j->u.key, j->max_bytes, admit_object, j, &j->data,
+                              &j->len, &j->err);
+    pthread_mutex_lock(&p->mu);
+    if (j->get_reserved) {
+        p->get_holders--;
+        p->get_held -= j->get_reserved;
+        release(p, j->get_reserved);
+        j->get_reserved = 0;
+    }
+    pthread_mutex_unlock(&p->mu);
+    j->ok = !rc;
 }
 
 static void fetch(twn_s3 **s, const twn_s3_config *cfg, twn_prefetch_job *j) {
@@ -76,19 +131,32 @@ static void *reader_main(void *arg) {
     twn_s3 *s = NULL; /* this reader's client: its connection is kept alive between jobs */
     pthread_mutex_lock(&p->mu);
     for (;;) {
-        while (!p->stop && !p->head) pthread_cond_wait(&p->work, &p->mu);
+        while (!p->stop && !p->head) {
+            p->idle++;
+            pthread_cond_wait(&p->work, &p->mu);
+            p->idle--;
+        }
         if (!p->head) break; /* stopping, nothing queued */
         twn_prefetch_job *j = p->head;
+        p->queued--;
         p->head = j->next;
         if (!p->head) p->tail = NULL;
+        if (p->obj_tail == j) p->obj_tail = NULL;
         j->state = JOB_RUNNING;
         if (++p->busy > p->st.busy_max) p->st.busy_max = p->busy;
         pthread_mutex_unlock(&p->mu);
-        fetch(&s, &p->cfg, j);
+        if (j->kind == KIND_OBJECT)
+            fetch_object(&s, &p->cfg, j);
+        else
+            fetch(&s, &p->cfg, j);
         pthread_mutex_lock(&p->mu);
         p->busy--;
         j->state = JOB_DONE;
-        if (j->ok) {
+        if (j->kind == KIND_OBJECT) {
+            p->st.gets += j->ok;
+            p->st.gets_failed += !j->ok;
+            p->st.get_bytes += j->ok ? j->len : 0;
+        } else if (j->ok) {
             p->st.fetched++;
             p->st.bytes += j->len;
         } else {
@@ -116,16 +184,35 @@ int twn_prefetch_open(const twn_s3_config *cfg, int readers, size_t max_bytes, t
     pthread_mutex_init(&p->mu, NULL);
     pthread_cond_init(&p->work, NULL);
     pthread_cond_init(&p->done, NULL);
+    pthread_cond_init(&p->room, NULL);
     p->th = twn_calloc((size_t)readers, sizeof *p->th);
-    for (; p->n < readers; p->n++) {
-        if (pthread_create(&p->th[p->n], NULL, reader_main, p)) {
-            twn_prefetch_close(p);
-            return twn_err_set(err, "prefetch: cannot start reader thread %d of %d", p->n + 1,
-                               readers);
-        }
-    }
+    p->cap = readers;
     *out = p;
     return 0;
+}
+
+/* Under p->mu, after queuing j: starts a reader when more jobs wait than readers are idle (an
+ * idle pool has no threads).  When not even one reader can be started, j fails at once. */
+static void enqueued(twn_prefetch *p, twn_prefetch_job *j) {
+    p->queued++;
+    if (p->queued > (size_t)p->idle && p->n < p->cap &&
+        !pthread_create(&p->th[p->n], NULL, reader_main, p))
+        p->n++;
+    if (p->n) {
+        pthread_cond_signal(&p->work);
+        return;
+    }
+    twn_log(TWN_LOG_WARN, "prefetch: cannot start a reader thread for %s", j->uri);
+    /* unlink it (it is the only job: nothing ever ran) and fail it */
+    p->head = p->tail = p->obj_tail = NULL;
+    p->queued = 0;
+    j->next = NULL;
+    j->state = JOB_DONE;
+    twn_err_set(&j->err, "prefetch: cannot start a reader thread for %s", j->uri);
+    if (j->kind == KIND_OBJECT)
+        p->st.gets_failed++;
+    else
+        p->st.failed++;
 }
 
 void twn_prefetch_close(twn_prefetch *p) {
@@ -139,6 +226,7 @@ void twn_prefetch_close(twn_prefetch *p) {
     pthread_mutex_destroy(&p->mu);
     pthread_cond_destroy(&p->work);
     pthread_cond_destroy(&p->done);
+    pthread_cond_destroy(&p->room);
     twn_free(p);
 }
 
@@ -165,7 +253,7 @@ twn_prefetch_job *twn_prefetch_start(twn_prefetch *p, const twn_src_unit *u) {
         return NULL;
     }
     p->st.held += want;
-    if (p->st.held > p->st.held_max) p->st.held_max = p->st.held;
+    note_held(p);
     p->st.started++;
     pthread_mutex_unlock(&p->mu);
     twn_prefetch_job *j = twn_calloc(1, sizeof *j);
@@ -181,7 +269,7 @@ twn_prefetch_job *twn_prefetch_start(twn_prefetch *p, const twn_src_unit *u) {
     else
         p->head = j;
     p->tail = j;
-    pthread_cond_signal(&p->work);
+    enqueued(p, j);
     pthread_mutex_unlock(&p->mu);
     return j;
 }
@@ -201,8 +289,12 @@ void twn_prefetch_drop(twn_prefetch_job *j) {
             prev = *pp;
             pp = &(*pp)->next;
         }
-        if (*pp) *pp = j->next;
+        if (*pp) {
+            *pp = j->next;
+            p->queued--;
+        }
         if (p->tail == j) p->tail = prev;
+        if (p->obj_tail == j) p->obj_tail = prev; /* object GETs come first: prev is one or NULL */
     }
     release(p, j->reserved);
     pthread_mutex_unlock(&p->mu);
@@ -326,9 +418,59 @@ twn_blob *twn_prefetch_take(twn_prefetch_job *j, twn_s3 *s) {
     return &w->b;
 }
 
+// ------------------------------------------------------------------------------------------------
+// Whole objects
+
+twn_prefetch_job *twn_prefetch_get(twn_prefetch *p, const char *bucket, const char *key,
+                                   size_t max_bytes) {
+    twn_prefetch_job *j = twn_calloc(1, sizeof *j);
+    j->p = p;
+    j->kind = KIND_OBJECT;
+    j->max_bytes = max_bytes;
+    j->u.bucket = twn_strdup(bucket);
+    j->u.key = twn_strdup(key);
+    size_t n = strlen(bucket) + strlen(key) + 8;
+    j->uri = twn_malloc(n);
+    snprintf(j->uri, n, "s3://%s/%s", bucket, key);
+    pthread_mutex_lock(&p->mu);
+    /* after the object GETs already queued, before any unit window */
+    if (p->obj_tail) {
+        j->next = p->obj_tail->next;
+        p->obj_tail->next = j;
+    } else {
+        j->next = p->head;
+        p->head = j;
+    }
+    if (!j->next) p->tail = j;
+    p->obj_tail = j;
+    enqueued(p, j);
+    pthread_mutex_unlock(&p->mu);
+    return j;
+}
+
+int twn_prefetch_take_object(twn_prefetch_job *j, uint8_t **data, size_t *n, twn_err *err) {
+    *data = NULL;
+    *n = 0;
+    twn_prefetch *p = j->p;
+    pthread_mutex_lock(&p->mu);
+    while (j->state != JOB_DONE) pthread_cond_wait(&p->done, &p->mu);
+    pthread_mutex_unlock(&p->mu);
+    int rc = 0;
+    if (j->ok) {
+        *data = j->data;
+        *n = j->len;
+        j->data = NULL;
+    } else {
+        rc = twn_err_set(err, "%s", j->err.msg);
+    }
+    job_free(j);
+    return rc;
+}
+
 twn_prefetch_stats twn_prefetch_get_stats(twn_prefetch *p) {
     pthread_mutex_lock(&p->mu);
     twn_prefetch_stats st = p->st;
+    st.threads = p->n;
     pthread_mutex_unlock(&p->mu);
     return st;
 }

@@ -37,8 +37,9 @@
 typedef struct twn_prefetch twn_prefetch;
 typedef struct twn_prefetch_job twn_prefetch_job;
 
-/* readers threads (1..256), each opening its client from cfg (copied; its strings are borrowed
- * and must outlive the pool) on its first job; at most max_bytes held (0: the default). */
+/* Up to readers threads (1..256), each opening its client from cfg (copied; its strings are
+ * borrowed and must outlive the pool) on its first job; a thread is started when a job waits and
+ * no reader is idle, so an unused pool has none.  At most max_bytes held (0: the default). */
 int twn_prefetch_open(const twn_s3_config *cfg, int readers, size_t max_bytes, twn_prefetch **out,
                       twn_err *err);
 /* Stops the threads (a fetch under way is finished first).  Every job must have been taken or
@@ -58,14 +59,37 @@ int twn_prefetch_wait(twn_prefetch_job *j, double seconds);
  * through s (the caller's client, which must outlive the blob).  NULL when the fetch failed. */
 twn_blob *twn_prefetch_take(twn_prefetch_job *j, twn_s3 *s);
 
-/* Abandons a job (queued: never fetched; under way: freed when done). */
+/* Abandons a job of either kind (queued: never fetched; under way: freed when done). */
 void twn_prefetch_drop(twn_prefetch_job *j);
+
+// ------------------------------------------------------------------------------------------------
+// Whole objects (images named by reference: source_io.h's twn_srcio_fetch_images_n)
+//
+// An object GET is queued ahead of the unit windows (its caller is waiting for it now, a window
+// is for later) and runs on the same readers and clients.  Its bytes count against max_bytes
+// while they are being received: a reader reserves the object's Content-Length when the response
+// headers come in (twn_s3_get_admit) and waits there while that does not fit, unless no other
+// object GET holds a reservation (so one always goes ahead: a caller never waits on room its own
+// windows hold).  The reservation ends with the GET; the bytes then belong to the caller.
+
+/* Queues the GET of s3://bucket/key (copied), at most max_bytes (a larger object fails, before
+ * its body is read when it announces its size). */
+twn_prefetch_job *twn_prefetch_get(twn_prefetch *p, const char *bucket, const char *key,
+                                   size_t max_bytes);
+
+/* Waits for a GET and consumes it: 0 with *data (twn_free; *n bytes plus a NUL), or -1 with err
+ * exactly as twn_s3_get gives it (or as twn_s3_open does, when the reader has no client). */
+int twn_prefetch_take_object(twn_prefetch_job *j, uint8_t **data, size_t *n, twn_err *err);
 
 typedef struct twn_prefetch_stats {
     uint64_t started, fetched, failed, refused; /* jobs */
     uint64_t bytes;                             /* fetched into memory */
     size_t held, held_max;                      /* bytes reserved now / at most so far */
     int busy_max;                               /* most fetches under way at once */
+    uint64_t gets, gets_failed, get_bytes;      /* object GETs done / failed / bytes received */
+    size_t get_held_max;                        /* most bytes reserved by object GETs at once */
+    uint64_t get_waits;                         /* object GETs that waited for room */
+    int threads;                                /* reader threads started so far */
 } twn_prefetch_stats;
 twn_prefetch_stats twn_prefetch_get_stats(twn_prefetch *p);
 

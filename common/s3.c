@@ -270,6 +270,11 @@ typedef struct s3_req {
     size_t grow_max;
     const char *want_etag;      /* the object must still have this ETag */
     int ok_404, ok_409, ok_416; /* statuses the caller handles itself */
+    /* grow: called once, when a 2xx response's headers are in and before its body is read, with
+     * the bytes it will hold (Content-Length, else grow_max); it may wait (twn_s3_get_admit) */
+    void (*admit)(void *user, uint64_t bytes);
+    void *admit_user;
+    int admitted;
     /* results */
     long status;
     size_t got; /* ranged: bytes in fixed */
@@ -310,6 +315,21 @@ static size_t on_header(char *p, size_t size, size_t nmemb, void *user) {
         x->status = sp ? strtol(sp + 1, NULL, 10) : 0;
         x->etag[0] = x->reqid[0] = 0;
         x->have_clen = 0;
+        return n;
+    }
+    if ((n == 2 && p[0] == '\r' && p[1] == '\n') || (n == 1 && p[0] == '\n')) {
+        /* the end of a response's headers */
+        s3_req *r = x->r;
+        if (r->grow && x->status >= 200 && x->status <= 299) {
+            if (x->have_clen && x->clen > r->grow_max) {
+                x->too_big = 1; /* announced: fail before reading any of the body */
+                return 0;
+            }
+            if (r->admit && !r->admitted) {
+                r->admitted = 1;
+                r->admit(r->admit_user, x->have_clen ? x->clen : r->grow_max);
+            }
+        }
         return n;
     }
     const char *colon = memchr(p, ':', n);
@@ -800,11 +820,22 @@ int twn_s3_get_range(twn_s3 *s, const char *bucket, const char *key, const char 
 
 int twn_s3_get(twn_s3 *s, const char *bucket, const char *key, size_t max_bytes, uint8_t **data,
                size_t *n, twn_err *err) {
+    return twn_s3_get_admit(s, bucket, key, max_bytes, NULL, NULL, data, n, err);
+}
+
+int twn_s3_get_admit(twn_s3 *s, const char *bucket, const char *key, size_t max_bytes,
+                     void (*admit)(void *user, uint64_t bytes), void *user, uint8_t **data,
+                     size_t *n, twn_err *err) {
     *data = NULL;
     *n = 0;
     twn_str body = {0};
-    s3_req r = {
-        .method = "GET", .bucket = bucket, .key = key, .grow = &body, .grow_max = max_bytes};
+    s3_req r = {.method = "GET",
+                .bucket = bucket,
+                .key = key,
+                .grow = &body,
+                .grow_max = max_bytes,
+                .admit = admit,
+                .admit_user = user};
     if (perform(s, &r, err)) {
         twn_str_free(&body);
         return -1;

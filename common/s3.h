@@ -118,9 +118,19 @@ int twn_s3_get_range(twn_s3 *s, const char *bucket, const char *key, const char 
                      size_t n, void *buf, size_t *got, twn_err *err);
 
 /* A whole (small) object: *data (twn_free) holds *n bytes plus a NUL.  Objects larger than
- * max_bytes fail. */
+ * max_bytes fail ("the object is larger than the N-byte limit"): before any of the body is read
+ * when the response announces its Content-Length, else once max_bytes have arrived. */
 int twn_s3_get(twn_s3 *s, const char *bucket, const char *key, size_t max_bytes, uint8_t **data,
                size_t *n, twn_err *err);
+
+/* twn_s3_get, and admit(user, bytes) is called once, when the 2xx response's headers are in and
+ * before its body is read, with the bytes it will hold (its Content-Length, or max_bytes when it
+ * sends none; never more than max_bytes).  admit may wait: a caller bounding the bytes it
+ * receives at once reserves them there, and gives them back after the call, whatever it
+ * returned (admit was not called when the GET failed before a 2xx response). */
+int twn_s3_get_admit(twn_s3 *s, const char *bucket, const char *key, size_t max_bytes,
+                     void (*admit)(void *user, uint64_t bytes), void *user, uint8_t **data,
+                     size_t *n, twn_err *err);
 
 /* One PUT (objects up to 5 GiB; use the upload for larger ones). */
 int twn_s3_put(twn_s3 *s, const char *bucket, const char *key, const void *data, size_t n,

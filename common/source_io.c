@@ -9,6 +9,7 @@
 #include <sys/stat.h>
 
 #include "common/jobconf.h"
+#include "common/prefetch.h"
 #include "common/source_s3.h"
 #include "util/mem.h"
 
@@ -303,7 +304,8 @@ static const twn_src_unit *last_unit_of(const twn_src_units *plan, const char *p
 }
 
 static int plan_kafka_more(twn_srcio *io, const char *input, uint64_t unit_items,
-                           twn_src_units *plan, size_t *n_new, twn_err *err) {
+                           twn_src_units *plan, size_t max_new, size_t *n_new, int *truncated,
+                           twn_err *err) {
     char topic[256];
     int32_t part;
     twn_kafka_format fmt;
@@ -347,6 +349,11 @@ static int plan_kafka_more(twn_srcio *io, const char *input, uint64_t unit_items
     }
     twn_kafka_units_free(&ku);
     if (add.n) qsort(add.v, add.n, sizeof *add.v, cmp_kafka_order);
+    /* (rank, partition) order: a cut keeps a prefix of every partition's new units */
+    if (add.n > max_new) {
+        add.n = max_new;
+        *truncated = 1;
+    }
     uint64_t next_id = plan->n ? plan->v[plan->n - 1].id + 1 : 0;
     for (size_t i = 0; i < add.n; i++) {
         const twn_kafka_unit *x = &add.v[i];
@@ -366,12 +373,21 @@ static int plan_kafka_more(twn_srcio *io, const char *input, uint64_t unit_items
 
 int twn_srcio_plan_more(twn_srcio *io, const char *const *inputs, size_t n, uint64_t unit_items,
                         twn_src_units *plan, size_t *n_new, twn_err *err) {
+    return twn_srcio_plan_more_max(io, inputs, n, unit_items, SIZE_MAX, plan, n_new, NULL, err);
+}
+
+int twn_srcio_plan_more_max(twn_srcio *io, const char *const *inputs, size_t n, uint64_t unit_items,
+                            size_t max_new, twn_src_units *plan, size_t *n_new, int *truncated,
+                            twn_err *err) {
+    int cut = 0;
     *n_new = 0;
+    if (truncated) *truncated = 0;
     if (!unit_items) return twn_err_set(err, "planning: unit size 0; expected at least 1 item");
     for (size_t i = 0; i < n; i++)
         if (twn_srcio_store_of(inputs[i]) == TWN_STORE_KAFKA &&
-            plan_kafka_more(io, inputs[i], unit_items, plan, n_new, err))
+            plan_kafka_more(io, inputs[i], unit_items, plan, max_new - *n_new, n_new, &cut, err))
             return -1;
+    if (truncated) *truncated = cut;
     return 0;
 }
 
@@ -523,6 +539,23 @@ out:
     return rc;
 }
 
+/* The local checks of twn_srcio_fetch_images (0, or -1 with its message). */
+static int check_local(twn_srcio *io, const char *id, const twn_src_image *im, twn_err *err) {
+    struct stat st;
+    if (stat(im->path, &st))
+        return twn_err_set(err, "item '%s': image '%s' cannot be read: %s", id, im->path,
+                           strerror(errno));
+    if (!S_ISREG(st.st_mode))
+        return twn_err_set(err, "item '%s': image '%s' is not a regular file", id, im->path);
+    /* the same limit as an s3:// image or a tar member: never loaded */
+    if ((uint64_t)st.st_size > io->cfg.max_image_bytes)
+        return twn_err_set(err,
+                           "item '%s': image '%s' is %llu bytes; the limit is %zu "
+                           "(limits.max_item_bytes)",
+                           id, im->path, (unsigned long long)st.st_size, io->cfg.max_image_bytes);
+    return 0;
+}
+
 int twn_srcio_fetch_images(twn_srcio *io, twn_src_item *it, twn_err *err) {
     for (size_t i = 0; i < it->n_images; i++) {
         twn_src_image *im = &it->images[i];
@@ -544,21 +577,112 @@ int twn_srcio_fetch_images(twn_srcio *io, twn_src_item *it, twn_err *err) {
                                    e.msg);
             continue;
         }
-        struct stat st;
-        if (stat(im->path, &st))
-            return twn_err_set(err, "item '%s': image '%s' cannot be read: %s", id, im->path,
-                               strerror(errno));
-        if (!S_ISREG(st.st_mode))
-            return twn_err_set(err, "item '%s': image '%s' is not a regular file", id, im->path);
-        /* the same limit as an s3:// image or a tar member: never loaded */
-        if ((uint64_t)st.st_size > io->cfg.max_image_bytes)
-            return twn_err_set(err,
-                               "item '%s': image '%s' is %llu bytes; the limit is %zu "
-                               "(limits.max_item_bytes)",
-                               id, im->path, (unsigned long long)st.st_size,
-                               io->cfg.max_image_bytes);
+        if (check_local(io, id, im, err)) return -1;
     }
     return 0;
+}
+
+/* One image of a batch (twn_srcio_fetch_begin): entries are in item order, then image order. */
+typedef struct img_fetch {
+    size_t item;
+    twn_src_image *im;
+    twn_prefetch_job *j; /* the GET under way (NULL: none) */
+    int failed;
+    twn_err err; /* the item's message when failed */
+} img_fetch;
+
+struct twn_srcio_fetch {
+    twn_srcio *io;
+    twn_src_item *items;
+    size_t n;
+    img_fetch *v;
+    size_t nv;
+};
+
+static img_fetch *push_fetch(twn_srcio_fetch *f, size_t item, twn_src_image *im) {
+    f->v = twn_realloc(f->v, (f->nv + 1) * sizeof *f->v);
+    img_fetch *x = &f->v[f->nv++];
+    memset(x, 0, sizeof *x);
+    x->item = item;
+    x->im = im;
+    return x;
+}
+
+twn_srcio_fetch *twn_srcio_fetch_begin(twn_srcio *io, twn_src_item *items, size_t n) {
+    twn_srcio_fetch *f = twn_calloc(1, sizeof *f);
+    f->io = io;
+    f->items = items;
+    f->n = n;
+    twn_prefetch *pool = io->cfg.pool;
+    if (!pool) return f; /* one after the other, in _end */
+    for (size_t i = 0; i < n; i++) {
+        twn_src_item *it = &items[i];
+        if (it->fault) continue;
+        const char *id = it->id ? it->id : "(no id)";
+        for (size_t k = 0; k < it->n_images; k++) {
+            twn_src_image *im = &it->images[k];
+            if (im->data || !im->path) continue;
+            img_fetch *x = push_fetch(f, i, im);
+            if (twn_srcio_store_of(im->path) == TWN_STORE_S3) {
+                twn_s3 *s;
+                twn_s3_uri u;
+                twn_err e;
+                /* the readers' clients come from the same config: opening ours names a bad one
+                 * exactly as the one-by-one path does */
+                if (twn_srcio_s3(io, &s, &e)) {
+                    x->failed = 1;
+                    twn_err_set(&x->err, "item '%s': image '%s': %s", id, im->path, e.msg);
+                } else if (twn_s3_uri_parse(im->path, &u, &e)) {
+                    x->failed = 1;
+                    twn_err_set(&x->err, "item '%s': image: %s", id, e.msg);
+                } else {
+                    x->j = twn_prefetch_get(pool, u.bucket, u.key, io->cfg.max_image_bytes);
+                    twn_s3_uri_free(&u);
+                }
+            } else {
+                x->failed = check_local(io, id, im, &x->err) != 0;
+            }
+            if (x->failed) break; /* the images after it are never looked at (as one by one) */
+        }
+    }
+    return f;
+}
+
+size_t twn_srcio_fetch_end(twn_srcio_fetch *f, twn_err *errs) {
+    size_t bad = 0;
+    for (size_t i = 0; i < f->n; i++) twn_err_clear(&errs[i]);
+    if (!f->io->cfg.pool) {
+        for (size_t i = 0; i < f->n; i++)
+            if (!f->items[i].fault && twn_srcio_fetch_images(f->io, &f->items[i], &errs[i])) bad++;
+        twn_free(f);
+        return bad;
+    }
+    for (size_t k = 0; k < f->nv; k++) {
+        img_fetch *x = &f->v[k];
+        if (!x->j) continue;
+        twn_err e;
+        if (twn_prefetch_take_object(x->j, &x->im->data, &x->im->size, &e)) {
+            const twn_src_item *it = &f->items[x->item];
+            x->failed = 1;
+            twn_err_set(&x->err, "item '%s': image '%s' cannot be read: %s",
+                        it->id ? it->id : "(no id)", x->im->path, e.msg);
+        }
+        x->j = NULL;
+    }
+    for (size_t k = 0; k < f->nv; k++) { /* each item's first bad image */
+        img_fetch *x = &f->v[k];
+        if (x->failed && !errs[x->item].msg[0]) {
+            errs[x->item] = x->err;
+            bad++;
+        }
+    }
+    twn_free(f->v);
+    twn_free(f);
+    return bad;
+}
+
+size_t twn_srcio_fetch_images_n(twn_srcio *io, twn_src_item *items, size_t n, twn_err *errs) {
+    return twn_srcio_fetch_end(twn_srcio_fetch_begin(io, items, n), errs);
 }
 
 // ------------------------------------------------------------------------------------------------

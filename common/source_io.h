@@ -17,9 +17,11 @@
  * credentials nor brokers.  The readers are the ones of source.h (through an S3 blob for S3
  * objects: a unit costs a few large GETs, an item ref exactly its own bytes) and kafka.h.
  *
- * Images by reference are checked where the items are read (twn_srcio_fetch_images): s3:// images
- * are fetched into memory (the engine reads bytes or local files only), local paths must exist.
- * A dangling reference makes the item a dead letter (STAGE_READ) naming the image. */
+ * Images by reference are checked where the items are read (twn_srcio_fetch_images, or a batch
+ * at once with twn_srcio_fetch_images_n): s3:// images are fetched into memory (the engine reads
+ * bytes or local files only), local paths must exist.  A dangling reference makes the item a dead
+ * letter (STAGE_READ) naming the image.  With a reader pool (cfg.pool, the job's s3.readers) a
+ * batch's s3:// images are fetched concurrently, on the pool's kept-alive connections. */
 #ifndef TWN_COMMON_SOURCE_IO_H
 #define TWN_COMMON_SOURCE_IO_H
 
@@ -32,12 +34,17 @@
 #include "proto/twn.pb-c.h"
 #include "util/err.h"
 
+struct twn_prefetch;
+
 typedef struct twn_srcio_cfg {
     twn_s3_config s3;       /* endpoint/region/credentials; NULL fields: the AWS_* variables */
     twn_kafka_config kafka; /* brokers (required for kafka:// inputs), group (coordinator only:
                                planning from and committing the group's offsets) */
     size_t max_image_bytes; /* an s3:// or local image larger than this is a bad item (64 MiB) */
-    char **owned;           /* what twn_srcio_cfg_from_conf allocated (kafka.props) */
+    /* The process's S3 reader pool (common/prefetch.h; borrowed, NULL: none).  With one,
+     * twn_srcio_fetch_images_n fetches a batch's s3:// images concurrently on its readers. */
+    struct twn_prefetch *pool;
+    char **owned; /* what twn_srcio_cfg_from_conf allocated (kafka.props) */
 } twn_srcio_cfg;
 
 /* twn_s3_config_default, twn_kafka_config_default, max_image_bytes 64 MiB. */
@@ -107,6 +114,12 @@ int twn_srcio_plan(twn_srcio *io, const char *const *inputs, size_t n, uint64_t 
  * *n_new receives the number of units appended. */
 int twn_srcio_plan_more(twn_srcio *io, const char *const *inputs, size_t n, uint64_t unit_items,
                         twn_src_units *plan, size_t *n_new, twn_err *err);
+/* The same, appending at most max_new units: each partition's new units are cut to a prefix
+ * (interleaved by rank, so partitions advance together), and *truncated (may be NULL) says
+ * whether anything was left for a later call.  A stream bounds its plan-ahead with it. */
+int twn_srcio_plan_more_max(twn_srcio *io, const char *const *inputs, size_t n, uint64_t unit_items,
+                            size_t max_new, twn_src_units *plan, size_t *n_new, int *truncated,
+                            twn_err *err);
 
 // ------------------------------------------------------------------------------------------------
 // Reading
@@ -135,6 +148,25 @@ int twn_srcio_read_ref(twn_srcio *io, const Twn__ItemRef *r, const twn_src_opts 
  * (the path stays as the name); local paths must be readable files.  0, or -1 with err naming
  * the item and the image. */
 int twn_srcio_fetch_images(twn_srcio *io, twn_src_item *it, twn_err *err);
+
+/* twn_srcio_fetch_images for items[0..n) at once.  With cfg.pool every s3:// image of the batch is
+ * queued on the pool at once (its readers fetch them concurrently, a bounded number of
+ * connections, each GET at most max_image_bytes and the bytes being received counted against the
+ * pool's byte bound); without one they are fetched one after the other, as by
+ * twn_srcio_fetch_images.  Items with a fault are left alone.  errs[i] (n of them) receives, for
+ * each item whose images cannot be read, exactly the message twn_srcio_fetch_images gives (its
+ * first bad image in order: a dangling s3:// key naming the bucket, key, HTTP status and request
+ * id; a missing or oversized local file); it is "" for every other item.  Retries are s3.h's.
+ * Returns the number of items with a message. */
+size_t twn_srcio_fetch_images_n(twn_srcio *io, twn_src_item *items, size_t n, twn_err *errs);
+
+/* The same in two halves, so a caller can work while the GETs run: _begin checks local images and
+ * queues the s3:// GETs of items[0..n) (which must stay where they are, untouched, until _end);
+ * _end waits for them, fills the images and errs as above and frees f.  Every begun fetch must
+ * be ended.  Without a pool, _begin only records the batch and _end fetches it. */
+typedef struct twn_srcio_fetch twn_srcio_fetch;
+twn_srcio_fetch *twn_srcio_fetch_begin(twn_srcio *io, twn_src_item *items, size_t n);
+size_t twn_srcio_fetch_end(twn_srcio_fetch *f, twn_err *errs);
 
 // ------------------------------------------------------------------------------------------------
 // twn.proto

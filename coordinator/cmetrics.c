@@ -61,6 +61,24 @@ void twn_cmetrics_init(twn_cmetrics *cm, twn_metrics *m, uint32_t shards) {
     const char *l_help = "Leases currently held, by kind: unit, hard.";
     cm->live_unit = twn_metrics_gauge(m, "twn_leases_active", l_help, "lease=unit", NULL);
     cm->live_hard = twn_metrics_gauge(m, "twn_leases_active", l_help, "lease=hard", NULL);
+    cm->resident = twn_metrics_gauge(m, "twn_coordinator_units_resident",
+                                     "Units the coordinator holds in memory: planned and not yet "
+                                     "released (a stream releases a unit once it is done and its "
+                                     "Kafka offsets are committed; a batch job holds its plan).",
+                                     NULL, NULL);
+    cm->journal_bytes = twn_metrics_gauge(
+        m, "twn_coordinator_journal_bytes",
+        "Size of the coordinator journal (a stream compacts it as units are released).", NULL,
+        NULL);
+    cm->loop_max = twn_metrics_gauge(
+        m, "twn_coordinator_loop_pass_max_seconds",
+        "Longest pass of the coordinator loop over the last 10-20 s: the most a heartbeat, ack or "
+        "lease expiry waited to be handled.",
+        NULL, NULL);
+    cm->peers_lost = twn_metrics_counter(m, "twn_coordinator_peers_lost_total",
+                                         "Peers declared dead by the coordinator: silent for "
+                                         "coordinator.missed_beats heartbeat intervals.",
+                                         NULL, NULL);
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     twn_gauge_set(cm->start, (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9);
@@ -104,6 +122,8 @@ void twn_cmetrics_update(twn_cmetrics *cm, twn_cstate *cs, double now, int force
     twn_gauge_set(cm->queue_hard, (double)st.hard_queued);
     twn_gauge_set(cm->live_unit, (double)st.unit_leases_live);
     twn_gauge_set(cm->live_hard, (double)st.hard_leases_live);
+    twn_gauge_set(cm->resident, (double)st.units_resident);
+    twn_gauge_set(cm->journal_bytes, (double)st.journal_bytes);
     /* Rate over the oldest sample still within 5 s (the ring holds ~6 s at 10 samples/s). */
     double done = (double)(p->easy + p->hard + p->rejected);
     size_t i = cm->rate_head;
@@ -125,4 +145,19 @@ void twn_cmetrics_acked(twn_cmetrics *cm, uint32_t shard, uint64_t n) {
 
 void twn_cmetrics_dead_letter(twn_cmetrics *cm, twn_stage stage) {
     if ((int)stage >= 1 && (int)stage <= TWN_STAGE_MAX) twn_counter_inc(cm->dead[stage]);
+}
+
+void twn_cmetrics_loop_pass(twn_cmetrics *cm, double seconds, double now) {
+    if (now - cm->loop_window_t >= TWN_CMETRICS_LOOP_WINDOW_S) {
+        /* a window with no pass at all (a stall longer than it) counts as its own maximum */
+        cm->loop_prev = now - cm->loop_window_t < 2 * TWN_CMETRICS_LOOP_WINDOW_S ? cm->loop_cur : 0;
+        cm->loop_cur = 0;
+        cm->loop_window_t = now;
+    }
+    if (seconds > cm->loop_cur) cm->loop_cur = seconds;
+    twn_gauge_set(cm->loop_max, cm->loop_cur > cm->loop_prev ? cm->loop_cur : cm->loop_prev);
+}
+
+void twn_cmetrics_peers_lost(twn_cmetrics *cm, uint64_t n) {
+    if (n) twn_counter_add(cm->peers_lost, n);
 }

@@ -12,7 +12,8 @@
 #include "common/metrics.h"
 #include "coordinator/cstate.h"
 
-#define TWN_CMETRICS_RATE_SAMPLES 64
+#define TWN_CMETRICS_RATE_SAMPLES  64
+#define TWN_CMETRICS_LOOP_WINDOW_S 10.0
 
 typedef struct twn_cmetrics {
     twn_counter *items[3]; /* easy, hard, rejected */
@@ -21,6 +22,10 @@ typedef struct twn_cmetrics {
     uint32_t shards;
     twn_gauge *job_items, *units_total, *units_done, *start, *end, *rate, *saved;
     twn_gauge *queue_units, *queue_hard, *live_unit, *live_hard;
+    twn_gauge *resident, *journal_bytes, *loop_max;
+    twn_counter *peers_lost;
+    /* longest loop pass in the current and the previous window (TWN_CMETRICS_LOOP_WINDOW_S) */
+    double loop_cur, loop_prev, loop_window_t;
     twn_progress last;
     uint64_t last_expired_unit, last_expired_hard;
     double last_update;
@@ -37,5 +42,11 @@ void twn_cmetrics_update(twn_cmetrics *cm, twn_cstate *cs, double now, int force
 /* n items acked by shard (any number: unknown shards are not counted). */
 void twn_cmetrics_acked(twn_cmetrics *cm, uint32_t shard, uint64_t n);
 void twn_cmetrics_dead_letter(twn_cmetrics *cm, twn_stage stage);
+/* One pass of the coordinator loop took `seconds` (ending at now).  The gauge
+ * twn_coordinator_loop_pass_max_seconds shows the longest pass of the last 10-20 s: how long a
+ * peer's heartbeat or ack may have waited to be read (the loop's lag). */
+void twn_cmetrics_loop_pass(twn_cmetrics *cm, double seconds, double now);
+/* n peers were declared dead (silent for missed_beats heartbeat intervals). */
+void twn_cmetrics_peers_lost(twn_cmetrics *cm, uint64_t n);
 
 #endif

@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "util/hash.h"
+#include "util/log.h"
 #include "util/mem.h"
 
 enum { POOL_UNIT = 0, POOL_HARD = 1 };
@@ -50,10 +51,15 @@ struct twn_cstate {
     twn_journal *j;
     const char *path;
     replay rp;
-    /* durability of done units, for the low-water mark */
+    /* durability of done units, for the low-water mark: durable[seq - dbase] */
     uint8_t *durable;
     size_t cap_durable;
+    uint32_t dbase; /* == the unit table's base: units below it were released */
     uint32_t durable_low;
+    /* streams (twn_cstate_forget): keys whose records compaction keeps after their release */
+    uint64_t *pinned;
+    size_t n_pinned;
+    uint64_t released, compactions, compacted_bytes;
     dfifo *fifo;
     size_t fifo_head, fifo_n, fifo_cap;
     /* scratch */
@@ -72,6 +78,7 @@ void twn_cstate_cfg_default(twn_cstate_cfg *cfg) {
     twn_journal_cfg_default(&cfg->journal);
     cfg->hard_batch = 64;
     cfg->max_hard_queued = 65536;
+    cfg->journal_compact_bytes = 4u << 20;
 }
 
 int twn_cstate_cfg_check(const twn_cstate_cfg *cfg, twn_err *err) {
@@ -121,7 +128,9 @@ static int check_failed(const twn_cstate *c, twn_err *err) {
 // ------------------------------------------------------------------------------------------------
 // Completion and durability
 
+/* Room for the durability flags of units below n (a sequence number). */
 static void reserve_durable(twn_cstate *c, size_t n) {
+    n -= c->dbase;
     if (n <= c->cap_durable) return;
     size_t nc = c->cap_durable ? c->cap_durable : 1024;
     while (nc < n) nc *= 2;
@@ -133,12 +142,12 @@ static void reserve_durable(twn_cstate *c, size_t n) {
 static void update_durable(twn_cstate *c) {
     uint64_t d = twn_journal_durable(c->j);
     while (c->fifo_n && c->fifo[c->fifo_head].jseq <= d) {
-        c->durable[c->fifo[c->fifo_head].seq] = 1;
+        c->durable[c->fifo[c->fifo_head].seq - c->dbase] = 1;
         c->fifo_head = (c->fifo_head + 1) % c->fifo_cap;
         c->fifo_n--;
     }
     size_t n = twn_units_count(c->u);
-    while (c->durable_low < n && c->durable[c->durable_low]) c->durable_low++;
+    while (c->durable_low < n && c->durable[c->durable_low - c->dbase]) c->durable_low++;
 }
 
 static void push_fifo(twn_cstate *c, uint64_t jseq, uint32_t seq) {
@@ -292,6 +301,11 @@ static int on_record(void *ctx, const twn_jrec *r, twn_err *err) {
     return 0;
 }
 
+static int cmp_u64(const void *a, const void *b) {
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
 static int cmp_done(const void *a, const void *b) {
     const rdone *x = a, *y = b;
     if (x->key != y->key) return x->key < y->key ? -1 : 1;
@@ -375,7 +389,7 @@ static int apply_replay(twn_cstate *c, uint32_t seq, twn_err *err) {
                                " items, the plan has %" PRIu32,
                                c->path, key, k->n_items, n);
         twn_units_restore_done(c->u, seq, k);
-        c->durable[seq] = 1;
+        c->durable[seq - c->dbase] = 1;
         return 0;
     }
     for (size_t i = lower_item(rp->dead, rp->n_dead, key); i < rp->n_dead && rp->dead[i].key == key;
@@ -412,7 +426,7 @@ int twn_cstate_add_units(twn_cstate *c, const twn_unit_spec *units, size_t n, tw
         if (twn_units_add(c->u, units[i].key, units[i].n_items, &seq, &done_now, err) != 0)
             return twn_err_wrap(err, "adding unit %zu of %zu", i, n);
         if (done_now) {
-            c->durable[seq] = 1; /* empty: done by definition, nothing to journal */
+            c->durable[seq - c->dbase] = 1; /* empty: done by definition, nothing to journal */
             continue;
         }
         if (apply_replay(c, seq, err) != 0) return -1;
@@ -431,7 +445,9 @@ int twn_cstate_grant_unit(twn_cstate *c, uint32_t worker, double now, twn_unit_g
     memset(g, 0, sizeof *g);
     if (check_failed(c, err)) return -1;
     if (twn_leases_queued(c->pool[POOL_HARD]) > c->cfg.max_hard_queued) {
-        twn_leases_heartbeat(c->pool[POOL_UNIT], worker, now);
+        /* a sign of life, as a grant would be; it renews nothing (a gate with a hung lease and a
+         * spare credit must not keep that lease through back-pressure) */
+        twn_leases_report(c->pool[POOL_UNIT], worker, now, NULL, 0);
         return 0;
     }
     twn_lease_grant lg;
@@ -557,6 +573,13 @@ void twn_cstate_heartbeat(twn_cstate *c, uint32_t worker, double now) {
     twn_leases_heartbeat(c->pool[POOL_HARD], worker, now);
 }
 
+void twn_cstate_report(twn_cstate *c, uint32_t worker, double now, const twn_lease_beat *b,
+                       size_t n) {
+    /* each pool ignores the other's ids (twn_leases_resolve does not take them) */
+    twn_leases_report(c->pool[POOL_UNIT], worker, now, b, n);
+    twn_leases_report(c->pool[POOL_HARD], worker, now, b, n);
+}
+
 void twn_cstate_worker_dead(twn_cstate *c, uint32_t worker) {
     twn_leases_worker_dead(c->pool[POOL_UNIT], worker);
     twn_leases_worker_dead(c->pool[POOL_HARD], worker);
@@ -600,6 +623,96 @@ uint32_t twn_cstate_low_water(twn_cstate *c) {
     return c->durable_low;
 }
 
+int twn_cstate_seq_of(const twn_cstate *c, uint64_t unit, uint32_t *seq) {
+    return twn_units_find(c->u, unit, seq);
+}
+
+uint32_t twn_cstate_base(const twn_cstate *c) {
+    return c->dbase;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Streams: releasing the committed prefix, compacting the journal
+
+void twn_cstate_keep_keys(twn_cstate *c, const uint64_t *keys, size_t n) {
+    c->pinned = twn_realloc(c->pinned, (c->n_pinned + n + 1) * sizeof *c->pinned);
+    memcpy(c->pinned + c->n_pinned, keys, n * sizeof *keys);
+    c->n_pinned += n;
+    qsort(c->pinned, c->n_pinned, sizeof *c->pinned, cmp_u64);
+}
+
+void twn_cstate_replay_drop(twn_cstate *c) {
+    replay *rp = &c->rp;
+    twn_free(rp->done);
+    twn_free(rp->dead);
+    twn_free(rp->hard);
+    memset(rp, 0, sizeof *rp);
+}
+
+/* Compaction keeps the records of units still in the table, of pinned units, and of replayed
+ * units not yet planned again (their records are what a restart needs). */
+static int keep_rec(void *ctx, const twn_jrec *r) {
+    twn_cstate *c = ctx;
+    const replay *rp = &c->rp;
+    if (r->type == TWN_JREC_JOB_FINISHED || twn_units_find(c->u, r->unit, NULL)) return 1;
+    if (c->n_pinned && bsearch(&r->unit, c->pinned, c->n_pinned, sizeof *c->pinned, cmp_u64))
+        return 1;
+    size_t i = lower_done(rp, r->unit);
+    if (i < rp->n_done && rp->done[i].key == r->unit) return 1;
+    i = lower_item(rp->dead, rp->n_dead, r->unit);
+    if (i < rp->n_dead && rp->dead[i].key == r->unit) return 1;
+    i = lower_item(rp->hard, rp->n_hard, r->unit);
+    return i < rp->n_hard && rp->hard[i].key == r->unit;
+}
+
+static int maybe_compact(twn_cstate *c, twn_err *err) {
+    uint64_t b = twn_journal_bytes(c->j);
+    if (!c->cfg.journal_compact_bytes || b < c->cfg.journal_compact_bytes ||
+        b < 2 * c->compacted_bytes)
+        return 0;
+    twn_err e = {{0}};
+    uint64_t kept = 0;
+    if (twn_journal_compact(c->j, keep_rec, c, &kept, &e) != 0) {
+        twn_err e2 = {{0}};
+        if (twn_journal_commit(c->j, &e2) != 0) { /* poisoned: the old file is gone */
+            fail(c, &e2);
+            return check_failed(c, err);
+        }
+        /* the old journal is still in use: try again once it has doubled */
+        twn_log(TWN_LOG_WARN,
+                "coordinator: journal compaction failed (the journal stays as it "
+                "is): %s",
+                e.msg);
+        c->compacted_bytes = b;
+        return 0;
+    }
+    c->compacted_bytes = twn_journal_bytes(c->j);
+    c->compactions++;
+    twn_debug("coordinator: journal compacted from %llu to %llu bytes (%llu records kept)",
+              (unsigned long long)b, (unsigned long long)c->compacted_bytes,
+              (unsigned long long)kept);
+    update_durable(c);
+    return 0;
+}
+
+int twn_cstate_forget(twn_cstate *c, uint32_t below, size_t *released, twn_err *err) {
+    if (released) *released = 0;
+    if (check_failed(c, err)) return -1;
+    update_durable(c);
+    if (below > c->durable_low) below = c->durable_low;
+    size_t k = twn_units_release(c->u, below);
+    if (k) {
+        uint32_t nb = twn_units_base(c->u);
+        size_t shift = nb - c->dbase;
+        memmove(c->durable, c->durable + shift, c->cap_durable - shift);
+        memset(c->durable + c->cap_durable - shift, 0, shift);
+        c->dbase = nb;
+        c->released += k;
+    }
+    if (released) *released = k;
+    return maybe_compact(c, err);
+}
+
 int twn_cstate_item_state(const twn_cstate *c, uint64_t unit, uint32_t item) {
     uint32_t seq;
     if (!twn_units_find(c->u, unit, &seq) || item >= twn_units_n_items(c->u, seq)) return -1;
@@ -627,6 +740,10 @@ void twn_cstate_stats_get(twn_cstate *c, twn_cstate_stats *s) {
     s->journal_commits = twn_journal_commits(c->j);
     s->low_water = twn_cstate_low_water(c);
     s->item_bytes = twn_units_item_bytes(c->u);
+    s->units_resident = twn_units_resident(c->u);
+    s->units_released = c->released;
+    s->journal_bytes = twn_journal_bytes(c->j);
+    s->journal_compactions = c->compactions;
 }
 
 static void free_state(twn_cstate *c) {
@@ -637,6 +754,7 @@ static void free_state(twn_cstate *c) {
     twn_free(c->rp.dead);
     twn_free(c->rp.hard);
     twn_free(c->durable);
+    twn_free(c->pinned);
     twn_free(c->fifo);
     twn_free(c->tags);
     twn_free(c->refs);

@@ -20,7 +20,7 @@
  * Lifecycle of an item ref as the service loop sees it:
  *   gate:    twn_cstate_grant_unit -> reads the unit's items, for each: easy -> embedding to
  *            shard; hard -> twn_cstate_report_hard; bad -> twn_cstate_dead_letter;
- *            then twn_cstate_finish(lease).  Heartbeats: twn_cstate_heartbeat(worker).
+ *            then twn_cstate_finish(lease).  Heartbeats: twn_cstate_report(worker, leases).
  *   reason:  twn_cstate_grant_hard -> CoT + embedding -> shard; twn_cstate_finish(lease).
  *   shard:   after fsync, twn_cstate_ack(unit, items, route, think tokens).
  *   loop:    twn_cstate_tick(now) every few ms (expiries, group commit);
@@ -48,6 +48,9 @@ typedef struct twn_cstate_cfg {
     twn_journal_cfg journal;  /* group commit (twn_journal_cfg_default) */
     uint32_t hard_batch;      /* 64: most hard items granted in one batch */
     uint64_t max_hard_queued; /* 65536: grant no units while more hard items than this wait */
+    /* 4 MiB: twn_cstate_forget compacts the journal once it is this large and twice its size
+     * after the previous compaction (0: never) */
+    uint64_t journal_compact_bytes;
 } twn_cstate_cfg;
 
 void twn_cstate_cfg_default(twn_cstate_cfg *cfg);
@@ -143,8 +146,14 @@ int twn_cstate_finish(twn_cstate *c, twn_lease_id lease, double now, twn_err *er
 int twn_cstate_release(twn_cstate *c, twn_lease_id lease, twn_err *err);
 /* Extends one lease (same return values). */
 int twn_cstate_renew(twn_cstate *c, twn_lease_id lease, double now, twn_err *err);
-/* A heartbeat from a worker: renews all of its active leases. */
+/* A heartbeat from a worker that does not say what it works on: renews all of its active leases
+ * (tests, benchmarks).  The service uses twn_cstate_report. */
 void twn_cstate_heartbeat(twn_cstate *c, uint32_t worker, double now);
+/* A heartbeat listing the leases the worker works on with their progress (Heartbeat.lease_ids,
+ * lease_progress): renews per lease, and stalled leases end at the next tick (twn_leases_report;
+ * cfg.*_lease.stall_s). */
+void twn_cstate_report(twn_cstate *c, uint32_t worker, double now, const twn_lease_beat *b,
+                       size_t n);
 /* The transport saw the worker die: all of its leases end now (their work is re-queued). */
 void twn_cstate_worker_dead(twn_cstate *c, uint32_t worker);
 
@@ -159,6 +168,29 @@ int twn_cstate_all_done(const twn_cstate *c);
 /* Lowest unit sequence number (plan order) not yet DURABLY done: offsets below it may be
  * committed to Kafka.  == number of units when all are. */
 uint32_t twn_cstate_low_water(twn_cstate *c);
+/* Streams.  A stream's units are done, journaled, and then their Kafka offsets are committed;
+ * after that nothing needs them: twn_cstate_forget(below) releases the units below sequence
+ * number `below` (at most the durable low water; prefix only): their records, keys, durability
+ * flags and lease bookkeeping.  Their keys become unknown (a late report about one fails like any
+ * unknown unit; a queued lease ref of one is dropped).  Then, when the journal has grown past
+ * cfg.journal_compact_bytes and twice its size after the previous compaction, the journal is
+ * compacted (journal.h) to the records of units still held, of keys given to
+ * twn_cstate_keep_keys, and of replayed units not yet added again.  Sequence numbers are never
+ * reused (32 bits: 4 G units per journal).  *released (may be NULL): units released.  -1 only
+ * when the journal failed. */
+int twn_cstate_forget(twn_cstate *c, uint32_t below, size_t *released, twn_err *err);
+/* Records of these units survive compaction after they are released (units a restart plans again
+ * from scratch: the local or S3 inputs of a stream). */
+void twn_cstate_keep_keys(twn_cstate *c, const uint64_t *keys, size_t n);
+/* Frees what the journal's replay holds for units not added yet: call it once every unit that a
+ * restart can plan again has been added (a stream: once it has planned up to a high watermark
+ * read after the open), or compaction keeps their records forever. */
+void twn_cstate_replay_drop(twn_cstate *c);
+/* 1 and *seq when the unit is held (added and not released), else 0. */
+int twn_cstate_seq_of(const twn_cstate *c, uint64_t unit, uint32_t *seq);
+/* Lowest sequence number not released. */
+uint32_t twn_cstate_base(const twn_cstate *c);
+
 /* The item's state (TWN_ITEM_COMPLETED once its unit is done); -1 for an unknown unit/item. */
 int twn_cstate_item_state(const twn_cstate *c, uint64_t unit, uint32_t item);
 /* The unit's counts so far (final once done); -1 for an unknown unit. */
@@ -170,8 +202,10 @@ typedef struct twn_cstate_stats {
     uint64_t units_queued, hard_queued; /* waiting for a lease */
     uint64_t unit_leases_live, hard_leases_live;
     uint64_t journal_records, journal_commits;
-    uint32_t low_water; /* durable, as twn_cstate_low_water */
-    size_t item_bytes;  /* per-item state of active units */
+    uint32_t low_water;                      /* durable, as twn_cstate_low_water */
+    size_t item_bytes;                       /* per-item state of active units */
+    uint64_t units_resident, units_released; /* in memory / forgotten (twn_cstate_forget) */
+    uint64_t journal_bytes, journal_compactions;
 } twn_cstate_stats;
 
 void twn_cstate_stats_get(twn_cstate *c, twn_cstate_stats *s);

@@ -28,6 +28,8 @@ struct twn_journal {
     twn_journal_cfg cfg;
     bytes buf;
     uint64_t appended, durable, commits;
+    uint64_t file_bytes; /* in the file (the buffer not included) */
+    uint32_t epoch;      /* this run's (RESUME), written again by compaction */
     size_t buffered_records;
     double last_commit;
     int poisoned;
@@ -166,12 +168,26 @@ static int rd_varint(reader *r, uint64_t *x) {
     return -1;
 }
 
-/* Shows a string for an error message: quoted, cut to 100 bytes with its full length. */
+/* Shows a string for an error message on one line: quoted, control bytes escaped (the sources
+ * are newline-separated), cut to 100 bytes with its full length. */
 static void show(twn_str *s, const char *p, size_t n) {
-    if (n <= 100)
-        twn_str_printf(s, "\"%.*s\"", (int)n, p);
+    size_t m = n <= 100 ? n : 100;
+    twn_str_puts(s, "\"");
+    for (size_t i = 0; i < m; i++) {
+        unsigned char ch = (unsigned char)p[i];
+        if (ch == '\n')
+            twn_str_puts(s, "\\n");
+        else if (ch == '"' || ch == '\\')
+            twn_str_printf(s, "\\%c", ch);
+        else if (ch < 0x20 || ch == 0x7f)
+            twn_str_printf(s, "\\x%02x", ch);
+        else
+            twn_str_printf(s, "%c", ch);
+    }
+    if (n > 100)
+        twn_str_printf(s, "...\" (%zu bytes)", n);
     else
-        twn_str_printf(s, "\"%.*s...\" (%zu bytes)", 100, p, n);
+        twn_str_puts(s, "\"");
 }
 
 static int check_fp(const char *name, const twn_plan_fp *have, const twn_plan_fp *want,
@@ -491,6 +507,7 @@ int twn_journal_commit(twn_journal *j, twn_err *err) {
         if (err) *err = j->poison;
         return -1;
     }
+    j->file_bytes += j->buf.n;
     j->buf.n = 0;
     j->buffered_records = 0;
     j->durable = j->appended;
@@ -543,7 +560,8 @@ int twn_journal_open(const char *path, const twn_plan_fp *fp, const twn_journal_
             return -1;
         }
     }
-    if (lseek(fd, 0, SEEK_END) < 0) {
+    off_t end = lseek(fd, 0, SEEK_END);
+    if (end < 0) {
         twn_err_errno(err, "cannot seek in journal %s", path);
         close(fd);
         return -1;
@@ -552,9 +570,12 @@ int twn_journal_open(const char *path, const twn_plan_fp *fp, const twn_journal_
     j->path = twn_strdup(path);
     j->fd = fd;
     j->cfg = *cfg;
+    j->file_bytes = (uint64_t)end;
     if (created) {
         inf.epoch = 1;
+        j->epoch = 1;
     } else {
+        j->epoch = inf.epoch;
         size_t at = rec_begin(&j->buf, TWN_JREC_RESUME);
         put_le(&j->buf, inf.epoch, 4);
         rec_end(&j->buf, at);
@@ -667,6 +688,97 @@ int twn_journal_maybe_commit(twn_journal *j, double now, int *committed, twn_err
     j->last_commit = now;
     if (committed) *committed = 1;
     return 0;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Compaction
+
+typedef struct compact_st {
+    const uint8_t *data;
+    bytes *out;
+    twn_jkeep_fn keep;
+    void *ctx;
+    uint32_t epoch;
+    uint64_t kept;
+} compact_st;
+
+/* Copies a kept record's bytes as they are (its CRC stays valid); JOB_START is followed by one
+ * RESUME with this run's epoch, so the next open still counts epochs up from it. */
+static int compact_rec(void *ctx, const twn_jrec *r, twn_err *err) {
+    (void)err;
+    compact_st *st = ctx;
+    if (r->type == TWN_JREC_RESUME) return 0;
+    if (r->type != TWN_JREC_JOB_START && !st->keep(st->ctx, r)) return 0;
+    put_raw(st->out, st->data + r->offset, REC_HEADER + (size_t)get_le(st->data + r->offset, 4));
+    if (r->type == TWN_JREC_JOB_START) {
+        size_t at = rec_begin(st->out, TWN_JREC_RESUME);
+        put_le(st->out, st->epoch, 4);
+        rec_end(st->out, at);
+    } else {
+        st->kept++;
+    }
+    return 0;
+}
+
+int twn_journal_compact(twn_journal *j, twn_jkeep_fn keep, void *ctx, uint64_t *kept,
+                        twn_err *err) {
+    if (kept) *kept = 0;
+    if (twn_journal_commit(j, err) != 0) return -1;
+    const uint8_t *data;
+    size_t n;
+    if (map_fd(j->fd, j->path, &data, &n, err) != 0) return -1;
+    bytes out = {0};
+    put_raw(&out, TWN_JOURNAL_MAGIC, TWN_JOURNAL_HEADER);
+    compact_st st = {data, &out, keep, ctx, j->epoch, 0};
+    int rc = twn_journal_replay_mem(data, n, j->path, NULL, compact_rec, &st, NULL, err);
+    if (data) munmap((void *)data, n);
+    if (rc != 0) {
+        twn_free(out.v);
+        return -1;
+    }
+    size_t tl = strlen(j->path) + 8;
+    char *tmp = twn_malloc(tl);
+    snprintf(tmp, tl, "%s.tmp", j->path);
+    rc = -1;
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644), nfd = -1;
+    if (fd < 0) {
+        twn_err_errno(err, "cannot create %s to compact the journal", tmp);
+        goto out;
+    }
+    if (write_all(fd, out.v, out.n) != 0 || fsync(fd) != 0) {
+        twn_err_errno(err, "cannot write %s to compact the journal", tmp);
+        close(fd);
+        unlink(tmp);
+        goto out;
+    }
+    close(fd);
+    if (rename(tmp, j->path) != 0) {
+        twn_err_errno(err, "cannot rename %s to %s", tmp, j->path);
+        unlink(tmp);
+        goto out;
+    }
+    /* From here the old file is gone: a failure poisons the journal. */
+    twn_err e = {{0}};
+    if (fsync_dir(j->path, &e) == 0 && (nfd = open(j->path, O_RDWR | O_APPEND | O_CLOEXEC)) < 0)
+        twn_err_errno(&e, "cannot open compacted journal %s", j->path);
+    if (nfd < 0) {
+        poison_journal(j, &e);
+        if (err) *err = e;
+        goto out;
+    }
+    close(j->fd);
+    j->fd = nfd;
+    j->file_bytes = out.n;
+    if (kept) *kept = st.kept;
+    rc = 0;
+out:
+    twn_free(tmp);
+    twn_free(out.v);
+    return rc;
+}
+
+uint64_t twn_journal_bytes(const twn_journal *j) {
+    return j->file_bytes + j->buf.n;
 }
 
 uint64_t twn_journal_appended(const twn_journal *j) {

@@ -31,10 +31,11 @@
  * (retrying an fsync after EIO can report success for lost data).
  *
  * Size: 41 bytes per unit, ~1-2 bytes per hard item, ~30 bytes + reason per dead letter; replay
- * maps the file rather than reading it into memory.  Compaction is not implemented: HARD_ROUTED
- * and DEAD_LETTER records of done units are dead weight after their UNIT_DONE.  If it matters:
- * replay, write JOB_START + UNIT_DONE of done units + the records of the others to a temporary
- * file, fsync, rename over the journal (the same path as creation). */
+ * maps the file rather than reading it into memory.  A stream (kafka.streaming) would grow it
+ * forever, so it compacts it (twn_journal_compact): the records of units whose offsets are
+ * committed are dropped; JOB_START, one RESUME with the current epoch and the kept records are
+ * written to a temporary file, fsync'd and renamed over the journal (the same path as creation),
+ * so a crash at any point leaves either the old or the new journal, both complete. */
 #ifndef TWN_COORDINATOR_JOURNAL_H
 #define TWN_COORDINATOR_JOURNAL_H
 
@@ -159,6 +160,17 @@ uint64_t twn_journal_durable(const twn_journal *j);
 size_t twn_journal_buffered_bytes(const twn_journal *j);
 uint64_t twn_journal_commits(const twn_journal *j);
 const char *twn_journal_path(const twn_journal *j);
+
+/* Decides which records compaction keeps (UNIT_DONE, DEAD_LETTER, HARD_ROUTED, JOB_FINISHED):
+ * 1 keeps r.  JOB_START is always kept and RESUME records are replaced by one. */
+typedef int (*twn_jkeep_fn)(void *ctx, const twn_jrec *r);
+/* Commits, then rewrites the journal with JOB_START, RESUME(this run's epoch) and the records
+ * keep() accepts, in their order ("<path>.tmp", fsync, rename, fsync of the directory); appends
+ * go to the new file afterwards.  A failure before the rename leaves the old journal in use
+ * (-1, not poisoned); one after it poisons the journal.  *kept (may be NULL): records kept. */
+int twn_journal_compact(twn_journal *j, twn_jkeep_fn keep, void *ctx, uint64_t *kept, twn_err *err);
+/* Bytes of the journal: the file's plus what is buffered. */
+uint64_t twn_journal_bytes(const twn_journal *j);
 
 /* Commits, closes and frees.  Returns the commit's status; j is freed either way. */
 int twn_journal_close(twn_journal *j, twn_err *err);

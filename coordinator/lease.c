@@ -2,8 +2,9 @@
  *
  * Slots are recycled through a free list, and each keeps its ref buffers, so a steady stream of
  * grants allocates nothing.  Expiry scans the live leases, but only once `now` reaches a lower
- * bound of the earliest deadline (renewals only move deadlines later, so the bound stays valid
- * until the next scan recomputes it).  The queue is a ring buffer with pushes at both ends. */
+ * bound of the earliest deadline (renewals only move deadlines later, and reported progress only
+ * moves stall deadlines later, so the bound stays valid until the next scan recomputes it).  The
+ * queue is a ring buffer with pushes at both ends. */
 #include "coordinator/lease.h"
 
 #include <inttypes.h>
@@ -25,8 +26,12 @@ typedef struct lease {
     uint32_t worker;
     uint32_t n, n_open;
     uint8_t finished;
-    uint8_t ending; /* being ended: settles are ignored */
+    uint8_t ending;  /* being ended: settles are ignored */
+    uint8_t started; /* its holder reported progress > 0 (twn_leases_report) */
     double deadline;
+    uint64_t progress; /* the holder's last reported counter */
+    double moved;      /* when it last changed (the grant, before any report) */
+    uint64_t listed;   /* the report (twn_leases.reports) that last listed it */
     uint64_t *refs;
     uint32_t *att;
     size_t cap;
@@ -64,6 +69,7 @@ struct twn_leases {
     double earliest;
     uint32_t *scratch; /* expire: slots to end */
     size_t cap_scratch;
+    uint64_t reports; /* twn_leases_report calls, to mark the leases one lists */
     twn_lease_stats st;
 };
 
@@ -73,6 +79,7 @@ void twn_lease_cfg_default(twn_lease_cfg *cfg) {
     cfg->missed_heartbeats = 3;
     cfg->ack_timeout_s = 60;
     cfg->max_attempts = 3;
+    cfg->stall_s = 300;
 }
 
 int twn_lease_cfg_check(const twn_lease_cfg *cfg, twn_err *err) {
@@ -98,6 +105,12 @@ int twn_lease_cfg_check(const twn_lease_cfg *cfg, twn_err *err) {
     if (cfg->max_attempts < 1 || cfg->max_attempts > 1000)
         return twn_err_set(err, "lease config: max_attempts = %" PRIu32 ", expected 1..1000",
                            cfg->max_attempts);
+    if (!(cfg->stall_s >= 0) || !isfinite(cfg->stall_s) ||
+        (cfg->stall_s > 0 && cfg->stall_s <= cfg->heartbeat_s))
+        return twn_err_set(err,
+                           "lease config: stall_s = %g, expected 0 (off) or more than heartbeat_s "
+                           "= %g (progress is only seen once per heartbeat)",
+                           cfg->stall_s, cfg->heartbeat_s);
     return 0;
 }
 
@@ -284,6 +297,10 @@ int twn_leases_grant(twn_leases *l, uint32_t worker_id, size_t max_refs, double 
     s->n_open = s->n;
     s->finished = 0;
     s->ending = 0;
+    s->started = 0;
+    s->progress = 0;
+    s->moved = now;
+    s->listed = 0;
     s->deadline = now + l->cfg.lease_s;
     link_lease(l, slot);
     double sd = silence_deadline(l, &l->w[worker_id]);
@@ -348,6 +365,54 @@ size_t twn_leases_heartbeat(twn_leases *l, uint32_t worker_id, double now) {
     return k;
 }
 
+/* An ACTIVE lease its holder started whose progress has stood still for stall_s. */
+static int stalled(const twn_leases *l, const lease *s, double now) {
+    return l->cfg.stall_s > 0 && s->started && !s->finished && now >= s->moved + l->cfg.stall_s;
+}
+
+static void renew(twn_leases *l, lease *s, double now) {
+    if (now + l->cfg.lease_s > s->deadline) s->deadline = now + l->cfg.lease_s;
+}
+
+size_t twn_leases_report(twn_leases *l, uint32_t worker_id, double now, const twn_lease_beat *b,
+                         size_t n) {
+    if (worker_id >= TWN_LEASE_MAX_WORKERS) return 0;
+    worker *w = get_worker(l, worker_id);
+    w->known = 1;
+    if (now > w->last_seen) w->last_seen = now;
+    uint64_t mark = ++l->reports;
+    for (size_t i = 0; i < n; i++) {
+        uint32_t slot;
+        if (twn_leases_resolve(l, b[i].id, &slot, NULL) != 1) continue; /* ended, other pool */
+        lease *s = &l->s[slot];
+        if (s->worker != worker_id || s->finished) continue;
+        s->listed = mark;
+        if (!b[i].progress) continue; /* queued inside the worker */
+        if (!s->started || b[i].progress != s->progress) {
+            s->started = 1;
+            s->progress = b[i].progress;
+            s->moved = now;
+            if (l->cfg.stall_s > 0 && now + l->cfg.stall_s < l->earliest)
+                l->earliest = now + l->cfg.stall_s;
+        }
+    }
+    int moving = 0;
+    for (uint32_t x = w->head; x != NONE; x = l->s[x].wnext) {
+        const lease *s = &l->s[x];
+        moving |= s->started && s->listed == mark && !s->finished && !stalled(l, s, now);
+    }
+    size_t k = 0;
+    for (uint32_t x = w->head; x != NONE; x = l->s[x].wnext) {
+        lease *s = &l->s[x];
+        if (s->finished) continue;
+        if (s->started ? s->listed == mark && !stalled(l, s, now) : moving) {
+            renew(l, s, now);
+            k++;
+        }
+    }
+    return k;
+}
+
 static void close_lease(twn_leases *l, uint32_t slot) {
     unlink_lease(l, slot);
     free_slot(l, slot);
@@ -367,10 +432,16 @@ int twn_leases_settle(twn_leases *l, uint32_t slot) {
 // Expiry
 
 /* Ends a live lease without its refs all settled: unbind every ref, then queue (front, original
- * order) the ones that still need work, or hand them to poison after max_attempts. */
-static void end_lease(twn_leases *l, uint32_t slot) {
+ * order) the ones that still need work, or hand them to poison after max_attempts.  `counted`:
+ * this lease is one of the refs' attempts; 0 for a lease whose holder had finished its part (it
+ * only waited for acks): the refs go back with the attempts they had before it, and are never
+ * poisoned by it. */
+static void end_lease(twn_leases *l, uint32_t slot, int counted) {
     lease *s = &l->s[slot];
     s->ending = 1;
+    if (!counted) {
+        for (size_t i = 0; i < s->n; i++) s->att[i]--;
+    }
     unlink_lease(l, slot);
     size_t keep = 0;
     for (size_t i = 0; i < s->n; i++) {
@@ -381,11 +452,12 @@ static void end_lease(twn_leases *l, uint32_t slot) {
     }
     /* Queue retries in reverse so they come out in their original order, ahead of new work. */
     for (size_t i = keep; i-- > 0;) {
-        if (s->att[i] >= l->cfg.max_attempts) continue;
+        if (counted && s->att[i] >= l->cfg.max_attempts) continue;
         push_front(l, s->refs[i], s->att[i]);
         l->st.requeued++;
+        if (!counted) l->st.uncounted++;
     }
-    for (size_t i = 0; i < keep; i++) {
+    for (size_t i = 0; i < keep && counted; i++) {
         if (s->att[i] < l->cfg.max_attempts) continue;
         l->st.poisoned++;
         l->hooks.poison(l->hooks.ctx, s->refs[i], s->att[i]);
@@ -394,13 +466,17 @@ static void end_lease(twn_leases *l, uint32_t slot) {
     free_slot(l, slot);
 }
 
-static size_t end_slots(twn_leases *l, size_t n) {
+/* Ends the leases in scratch.  `holder_dead`: their holder died; a lease it had finished (only
+ * waiting for acks) is then not one of its refs' attempts.  A finished lease whose ack deadline
+ * passed with the holder alive is: an item that takes its indexer down every time must end in
+ * the dead letters after max_attempts, not go round forever. */
+static size_t end_slots(twn_leases *l, size_t n, int holder_dead) {
     size_t ended = 0;
     for (size_t i = 0; i < n; i++) {
         uint32_t slot = l->scratch[2 * i];
         /* scratch holds (slot, generation); a slot closed and reused meanwhile is skipped. */
         if (!l->s[slot].id || l->s[slot].gen != l->scratch[2 * i + 1]) continue;
-        end_lease(l, slot);
+        end_lease(l, slot, !holder_dead || !l->s[slot].finished);
         ended++;
     }
     return ended;
@@ -423,7 +499,7 @@ size_t twn_leases_worker_dead(twn_leases *l, uint32_t worker_id) {
         l->scratch[2 * n + 1] = l->s[s].gen;
         n++;
     }
-    size_t ended = end_slots(l, n);
+    size_t ended = end_slots(l, n, 1);
     l->st.expired += ended;
     l->st.worker_deaths++;
     l->w[worker_id] = (worker){NONE, 0, 0, 0};
@@ -435,7 +511,7 @@ int twn_leases_release(twn_leases *l, twn_lease_id id, twn_err *err) {
     int r = twn_leases_resolve(l, id, &slot, err);
     if (r == 0) l->st.late++;
     if (r != 1) return r;
-    end_lease(l, slot);
+    end_lease(l, slot, 1); /* the holder says its work was not done, whatever it said before */
     l->st.expired++;
     l->st.released++;
     return 1;
@@ -459,13 +535,15 @@ size_t twn_leases_expire(twn_leases *l, double now) {
     size_t n = 0;
     for (size_t i = 0; i < l->nlive; i++) {
         lease *s = &l->s[l->live[i]];
-        if (s->deadline <= now) {
+        int stall = s->deadline > now && stalled(l, s, now);
+        if (s->deadline <= now || stall) {
             l->scratch[2 * n] = l->live[i];
             l->scratch[2 * n + 1] = s->gen;
             n++;
+            l->st.stalled += stall;
         }
     }
-    size_t e = end_slots(l, n);
+    size_t e = end_slots(l, n, 0);
     l->st.expired += e;
     ended += e;
     double earliest = INFINITY;
@@ -475,6 +553,8 @@ size_t twn_leases_expire(twn_leases *l, double now) {
         if (s->finished) continue;
         double sd = silence_deadline(l, &l->w[s->worker]);
         if (sd < earliest) earliest = sd;
+        if (l->cfg.stall_s > 0 && s->started && s->moved + l->cfg.stall_s < earliest)
+            earliest = s->moved + l->cfg.stall_s;
     }
     l->earliest = earliest;
     return ended;

@@ -26,6 +26,22 @@
  * (twn_leases_release): it ends at once, as an expiry.  So every ref that still needs work is
  * always queued, or held by a lease with a deadline that only its holder's heartbeats extend.
  *
+ * Renewal is per lease, not per holder (twn_leases_report): a holder's heartbeat thread can
+ * outlive its working thread (a hung engine call), and "the process is alive" must not mean "the
+ * work goes on".  Heartbeats list the leases being worked with a progress counter each; a
+ * started lease is renewed only while its progress moves, and one whose progress stands still
+ * for stall_s ends (an expiry) although its holder is alive.  A lease the holder has received
+ * but not started (queued behind its current work) has no progress of its own: it is renewed
+ * while any started lease of the same holder moves, so it may wait behind slow but live work
+ * as long as that takes, and it runs out lease_s after the holder's last moving lease stalled.
+ * A hung holder therefore keeps nothing longer than stall_s + lease_s.
+ *
+ * An attempt counts against max_attempts when a lease ends with its work unfinished (expiry,
+ * stall, silence or death before twn_leases_finish, or a release) and when a finished lease's
+ * ack_timeout_s runs out (an item that takes its shard down every time must reach the dead
+ * letters, not go round forever).  A finished lease whose holder then dies puts its unsettled
+ * refs back without counting the attempt: that death is no fault of those items.
+ *
  * Time is a double in seconds passed in by the caller (no hidden clock), so tests are exact.
  * Worker ids are small integers (< TWN_LEASE_MAX_WORKERS) that the caller assigns. */
 #ifndef TWN_COORDINATOR_LEASE_H
@@ -45,6 +61,10 @@ typedef struct twn_lease_cfg {
     uint32_t missed_heartbeats; /* 3: a worker silent for heartbeat_s * this is dead */
     double ack_timeout_s;       /* 60: after finish, how long the refs' acks may take */
     uint32_t max_attempts;      /* 3: leases of one ref that may expire before it is poison */
+    /* 300: a started lease whose reported progress stands still this long ends, even while its
+     * holder heartbeats (0: never for that reason).  Longer than the slowest single engine call
+     * (a gate batch, a reasoning batch), which reports no progress while it runs. */
+    double stall_s;
 } twn_lease_cfg;
 
 void twn_lease_cfg_default(twn_lease_cfg *cfg);
@@ -75,7 +95,9 @@ typedef struct twn_lease_grant {
 /* Why a lease ended without being settled, for counters. */
 typedef struct twn_lease_stats {
     uint64_t granted, closed, expired, worker_deaths, requeued, poisoned, dropped, late;
-    uint64_t released; /* of the expired: given up by their holder (twn_leases_release) */
+    uint64_t released;  /* of the expired: given up by their holder (twn_leases_release) */
+    uint64_t stalled;   /* of the expired: progress stood still for stall_s (holder alive) */
+    uint64_t uncounted; /* refs queued again without an attempt counted (their lease finished) */
 } twn_lease_stats;
 
 typedef struct twn_leases twn_leases;
@@ -112,17 +134,38 @@ int twn_leases_finish(twn_leases *l, twn_lease_id id, double now, twn_err *err);
 int twn_leases_release(twn_leases *l, twn_lease_id id, twn_err *err);
 /* Renews one active lease: deadline = now + lease_s.  Returns twn_leases_resolve's value. */
 int twn_leases_renew(twn_leases *l, twn_lease_id id, double now, twn_err *err);
-/* A heartbeat from worker: renews every ACTIVE lease it holds; returns how many. */
+/* A heartbeat from worker that does not say what it works on: renews every ACTIVE lease it
+ * holds whatever their progress; returns how many.  For callers that do not track progress
+ * (tests, benchmarks); the coordinator service uses twn_leases_report. */
 size_t twn_leases_heartbeat(twn_leases *l, uint32_t worker, double now);
+
+/* One lease of a heartbeat: its id and its holder's progress counter (0: received, not started;
+ * then any value that changes whenever work on it gets done). */
+typedef struct twn_lease_beat {
+    twn_lease_id id;
+    uint64_t progress;
+} twn_lease_beat;
+
+/* A heartbeat from worker listing the leases it works on (ids of other pools or workers, and
+ * ended leases, are ignored).  A sign of life.  Renews (deadline = now + lease_s):
+ *   - each listed started lease (progress > 0) whose progress moved within stall_s (a change
+ *     since the last report counts as moving now);
+ *   - each of the worker's leases not started (listed with progress 0, or not listed and never
+ *     reported started: queued inside the worker or on the way) while at least one of its
+ *     listed started leases moves.
+ * A started lease that is not listed is not renewed.  Returns leases renewed. */
+size_t twn_leases_report(twn_leases *l, uint32_t worker, double now, const twn_lease_beat *b,
+                         size_t n);
 /* One ref bound to slot finished.  Returns 1 when that closed the lease. */
 int twn_leases_settle(twn_leases *l, uint32_t slot);
 
-/* Ends every lease whose deadline is <= now, and every lease of a worker that holds an ACTIVE
- * lease and has been silent for heartbeat_s * missed_heartbeats (that worker is then forgotten;
- * a worker whose leases are all finished may go quiet).  Returns leases ended. */
+/* Ends every lease whose deadline is <= now, every started ACTIVE lease whose progress has
+ * stood still for stall_s, and every lease of a worker that holds an ACTIVE lease and has been
+ * silent for heartbeat_s * missed_heartbeats (that worker is then forgotten; a worker whose
+ * leases are all finished may go quiet).  Returns leases ended. */
 size_t twn_leases_expire(twn_leases *l, double now);
 /* The worker is gone (crash reported by the transport, or missed heartbeats): ends all of its
- * leases now, as expiries.  Returns leases ended. */
+ * leases now, as expiries (attempts count only for those not finished).  Returns leases ended. */
 size_t twn_leases_worker_dead(twn_leases *l, uint32_t worker);
 
 /* The lease in slot (live), for inspection and tests. */

@@ -11,6 +11,7 @@
 #include "common/source_io.h"
 #include "common/transport.h"
 #include "coordinator/cmetrics.h"
+#include "coordinator/kplanner.h"
 #include "coordinator/offsets.h"
 #include "util/clock.h"
 #include "util/log.h"
@@ -23,6 +24,7 @@ void twn_coord_cfg_default(twn_coord_cfg *c) {
     c->missed_beats = 5;
     c->model_hash = "";
     c->stream_poll_s = 0.5;
+    c->stream_max_units = 1024;
     twn_cstate_cfg_default(&c->cs);
     c->hard_batch = c->cs.hard_batch;
 }
@@ -58,10 +60,10 @@ typedef struct peer_user {
 
 typedef struct coord {
     const twn_coord_cfg *cfg;
-    twn_src_units plan;
-    cunit *units;
-    keyidx *keys;
+    twn_src_units plan; /* the units base .. base + n - 1 (a stream drops its released prefix) */
+    cunit *units;       /* [n], parallel to plan.v */
     size_t n;
+    uint32_t base; /* sequence number of plan.v[0] (units released before it) */
     twn_cstate *cs;
     FILE *dl;
     void *router;
@@ -71,29 +73,22 @@ typedef struct coord {
     uint32_t next_wid;
     const Twn__ItemRef *cur_ref; /* the Reject being dead-lettered (for dead_letter.jsonl) */
     int cur_stage;               /* its Twn__Stage */
-    twn_srcio *io;               /* S3 listing, Kafka watermarks and group commits */
+    twn_srcio *io;               /* S3 listing and Kafka planning at the start, the final commit */
     twn_offsets *offs;           /* Kafka offsets committed behind the durable low water */
+    twn_kplanner *kp;            /* Kafka planning (streams) and commits, off the loop */
     twn_cmetrics metrics;        /* in twn_metrics_default() (cmetrics.h) */
     keyidx *dl_old;              /* (unit, index) of the lines dead_letter.jsonl already has */
     size_t n_dl_old;
+    twn_peer **dead; /* the loop's list of peers declared dead in one pass (cap_dead: all) */
+    size_t cap_dead;
 } coord;
 
-static int keyidx_cmp(const void *a, const void *b) {
-    uint64_t x = ((const keyidx *)a)->key, y = ((const keyidx *)b)->key;
-    return x < y ? -1 : x > y;
-}
-
+/* The unit with this key, while it is held (cstate's key map knows its sequence number). */
 static cunit *unit_of(coord *c, uint64_t key) {
-    size_t lo = 0, hi = c->n;
-    while (lo < hi) {
-        size_t mid = (lo + hi) / 2;
-        if (c->keys[mid].key == key) return &c->units[c->keys[mid].idx];
-        if (c->keys[mid].key < key)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
-    return NULL;
+    uint32_t seq;
+    if (!c->cs || !twn_cstate_seq_of(c->cs, key, &seq) || seq < c->base || seq - c->base >= c->n)
+        return NULL;
+    return &c->units[seq - c->base];
 }
 
 /* u->hard is kept sorted by item (a gate reports them in order, so inserting is an append): the
@@ -406,6 +401,7 @@ static void grant_gate(coord *c, twn_peer *p, double now) {
         l.lease_id = g.lease;
         l.deadline_unix_ms = twn_unix_ms_at(g.deadline);
         l.lease_ms = (uint32_t)(c->cfg->cs.unit_lease.lease_s * 1000.0);
+        l.stall_ms = (uint32_t)(c->cfg->cs.unit_lease.stall_s * 1000.0);
         Twn__Envelope env = TWN__ENVELOPE__INIT;
         env.body_case = TWN__ENVELOPE__BODY_UNIT_LEASE;
         env.unit_lease = &l;
@@ -457,6 +453,7 @@ static void grant_worker(coord *c, twn_peer *p, double now) {
         l.lease_id = g.lease;
         l.deadline_unix_ms = twn_unix_ms_at(g.deadline);
         l.lease_ms = (uint32_t)(c->cfg->cs.hard_lease.lease_s * 1000.0);
+        l.stall_ms = (uint32_t)(c->cfg->cs.hard_lease.stall_s * 1000.0);
         l.n_items = n;
         l.items = hp;
         l.attempt = g.n ? g.items[0].attempt : 1;
@@ -479,6 +476,17 @@ static void grant_worker(coord *c, twn_peer *p, double now) {
 // ------------------------------------------------------------------------------------------------
 // The loop
 
+/* Renewal is per lease (cstate.h twn_cstate_report): a peer's pulse thread outlives a hung
+ * engine call, so "it heartbeats" must not keep the work it no longer does. */
+static void on_heartbeat(coord *c, const peer_user *pu, const Twn__Heartbeat *h, double now) {
+    twn_lease_beat one[8], *b = h->n_lease_ids <= 8 ? one : twn_malloc(h->n_lease_ids * sizeof *b);
+    for (size_t i = 0; i < h->n_lease_ids; i++)
+        b[i] =
+            (twn_lease_beat){h->lease_ids[i], i < h->n_lease_progress ? h->lease_progress[i] : 0};
+    twn_cstate_report(c->cs, pu->wid, now, b, h->n_lease_ids);
+    if (b != one) twn_free(b);
+}
+
 static void handle(coord *c, const twn_peer_id *from, Twn__Envelope *m, double now) {
     if (m->body_case == TWN__ENVELOPE__BODY_HELLO) {
         on_hello(c, from, m->hello, now);
@@ -489,7 +497,7 @@ static void handle(coord *c, const twn_peer_id *from, Twn__Envelope *m, double n
     if (!pu && m->body_case != TWN__ENVELOPE__BODY_SHUTDOWN) ask_hello(c, from);
     switch (m->body_case) {
     case TWN__ENVELOPE__BODY_HEARTBEAT:
-        if (pu) twn_cstate_heartbeat(c->cs, pu->wid, now);
+        if (pu) on_heartbeat(c, pu, m->heartbeat, now);
         break;
     case TWN__ENVELOPE__BODY_WORK_REQUEST:
         if (pu) twn_credits_grant(&p->credits, m->work_request->credits);
@@ -526,10 +534,11 @@ static void handle(coord *c, const twn_peer_id *from, Twn__Envelope *m, double n
 }
 
 static void coord_free(coord *c) {
+    twn_kplanner_free(c->kp);
     for (size_t i = 0; i < c->n; i++) hard_clear(&c->units[i]);
     twn_free(c->units);
-    twn_free(c->keys);
     twn_free(c->dl_old);
+    twn_free(c->dead);
     twn_src_units_free(&c->plan);
     if (c->peers) {
         for (size_t i = 0; i < twn_peers_count(c->peers); i++)
@@ -544,41 +553,71 @@ static void coord_free(coord *c) {
     twn_srcio_close(c->io);
 }
 
-/* Streaming: plans what the kafka:// inputs hold beyond the plan and adds it to the units, the
- * cstate and the offsets tracker.  -1 only for a bookkeeping failure (a planning failure, e.g. a
- * broker down, is a warning: tried again at the next poll). */
-static int stream_more(coord *c, twn_err *err) {
-    size_t n_new = 0, n0 = c->plan.n;
-    twn_err e;
-    if (twn_srcio_plan_more(c->io, c->cfg->inputs, c->cfg->n_inputs, c->cfg->unit_items, &c->plan,
-                            &n_new, &e)) {
-        warn("streaming: planning new offsets", &e);
-        n_new = c->plan.n - n0; /* what one topic appended before another failed */
-    }
+/* Streaming: the units the Kafka thread planned since the last pass go onto the plan, the
+ * cstate and the offsets tracker.  -1 only for a bookkeeping failure. */
+static int stream_take(coord *c, twn_err *err) {
+    size_t n0 = c->plan.n, n_new = twn_kplanner_take(c->kp, &c->plan);
     if (!n_new) return 0;
     c->units = twn_realloc(c->units, (c->plan.n + 1) * sizeof *c->units);
-    c->keys = twn_realloc(c->keys, (c->plan.n + 1) * sizeof *c->keys);
     memset(&c->units[n0], 0, n_new * sizeof *c->units);
     twn_unit_spec *specs = twn_calloc(n_new, sizeof *specs);
     for (size_t i = 0; i < c->plan.n; i++) c->units[i].u = &c->plan.v[i]; /* v moved */
+    int rc = 0;
     for (size_t i = n0; i < c->plan.n; i++) {
         const twn_src_unit *u = &c->plan.v[i];
         c->units[i].key = twn_unit_key(u->path, u->start, u->end - u->start);
-        c->keys[i] = (keyidx){c->units[i].key, (uint32_t)i};
         specs[i - n0] = (twn_unit_spec){c->units[i].key, (uint32_t)u->count};
+        if (!rc) rc = twn_offsets_add(c->offs, c->base + (uint32_t)i, u, err);
     }
     c->n = c->plan.n;
-    qsort(c->keys, c->n, sizeof *c->keys, keyidx_cmp);
-    int rc = twn_cstate_add_units(c->cs, specs, n_new, err) || twn_offsets_extend(c->offs, err);
+    if (!rc) rc = twn_cstate_add_units(c->cs, specs, n_new, err);
     twn_free(specs);
-    if (!rc) twn_debug("coordinator: streaming: %zu new unit(s), %zu in all", n_new, c->n);
+    if (!rc) twn_debug("coordinator: streaming: %zu new unit(s), %zu held", n_new, c->n);
     return rc ? -1 : 0;
+}
+
+/* Streaming: the units below the committed low water are done, in the journal, and their
+ * offsets are committed; nothing will ask for them again.  They leave the plan, the cstate
+ * (which may compact the journal) and the offsets tracker. */
+static int stream_release(coord *c, twn_err *err) {
+    uint32_t below = twn_offsets_committed_low(c->offs), low = twn_cstate_low_water(c->cs);
+    if (below > low) below = low;
+    if (below <= c->base) return 0;
+    size_t k;
+    if (twn_cstate_forget(c->cs, below, &k, err)) return -1;
+    below = twn_cstate_base(c->cs);
+    if (below <= c->base) return 0;
+    k = below - c->base;
+    twn_offsets_forget(c->offs, below);
+    for (size_t i = 0; i < k; i++) {
+        hard_clear(&c->units[i]);
+        twn_free(c->plan.v[i].path);
+    }
+    memmove(c->plan.v, c->plan.v + k, (c->plan.n - k) * sizeof *c->plan.v);
+    memmove(c->units, c->units + k, (c->n - k) * sizeof *c->units);
+    c->plan.n -= k;
+    c->n -= k;
+    for (size_t i = 0; i < c->n; i++) c->units[i].u = &c->plan.v[i];
+    c->base = below;
+    twn_kplanner_set_base(c->kp, below);
+    return 0;
+}
+
+/* Offset commits run on the Kafka thread: collect the last request's outcome, hand out the next
+ * one the durable low water allows. */
+static void commit_async(coord *c, double now) {
+    size_t n;
+    const twn_offset_point *res = twn_kplanner_commit_result(c->kp, &n);
+    if (res) twn_offsets_done(c->offs, res, n);
+    const twn_offset_point *due;
+    n = twn_offsets_due(c->offs, twn_cstate_low_water(c->cs), now, 0, &due);
+    if (n) twn_kplanner_commit(c->kp, due, n);
 }
 
 int twn_coord_run(const twn_coord_cfg *cfg, twn_coord_summary *sum, twn_err *err) {
     coord c = {0};
     c.cfg = cfg;
-    c.fo = twn_frame_opts_default();
+    c.fo = twn_frame_opts_for(cfg->endpoint);
     if (cfg->max_message_bytes) c.fo.max_size = cfg->max_message_bytes;
     c.next_wid = 1;
     twn_cmetrics_init(&c.metrics, twn_metrics_default(), cfg->shards);
@@ -586,33 +625,38 @@ int twn_coord_run(const twn_coord_cfg *cfg, twn_coord_summary *sum, twn_err *err
     char *sources = NULL;
     int rc = -1;
 
-    if (twn_srcio_open(cfg->io, &c.io, err) ||
-        twn_srcio_plan(c.io, cfg->inputs, cfg->n_inputs, cfg->unit_items, &c.plan, NULL, err) ||
-        twn_offsets_new(&c.plan, 0.2, &c.offs, err))
-        goto out;
-    if (cfg->streaming) {
-        size_t nk = 0;
-        for (size_t i = 0; i < cfg->n_inputs; i++)
-            nk += twn_srcio_store_of(cfg->inputs[i]) == TWN_STORE_KAFKA;
-        if (!nk) {
-            twn_err_set(err, "config: kafka.streaming = true but job.inputs has no kafka:// "
-                             "input; expected at least one kafka://topic (or kafka.streaming = "
-                             "false)");
-            goto out;
-        }
+    /* A stream plans its kafka:// inputs on the Kafka thread (from the group's committed offsets,
+     * at most stream_max_units ahead); everything else is planned here, once. */
+    const char **first = twn_calloc(cfg->n_inputs + 1, sizeof *first);
+    size_t n_first = 0, n_kafka = 0;
+    for (size_t i = 0; i < cfg->n_inputs; i++) {
+        int k = twn_srcio_store_of(cfg->inputs[i]) == TWN_STORE_KAFKA;
+        n_kafka += k;
+        if (!cfg->streaming || !k) first[n_first++] = cfg->inputs[i];
     }
+    if (cfg->streaming && !n_kafka) {
+        twn_free(first);
+        twn_err_set(err, "config: kafka.streaming = true but job.inputs has no kafka:// "
+                         "input; expected at least one kafka://topic (or kafka.streaming = "
+                         "false)");
+        goto out;
+    }
+    int planned = twn_srcio_open(cfg->io, &c.io, err) ||
+                  twn_srcio_plan(c.io, first, n_first, cfg->unit_items, &c.plan, NULL, err) ||
+                  twn_offsets_new(&c.plan, 0.2, &c.offs, err);
+    twn_free(first);
+    if (planned) goto out;
     c.n = c.plan.n;
     c.units = twn_calloc(c.n + 1, sizeof *c.units);
-    c.keys = twn_calloc(c.n + 1, sizeof *c.keys);
     twn_unit_spec *specs = twn_calloc(c.n + 1, sizeof *specs);
+    uint64_t *keys = twn_calloc(c.n + 1, sizeof *keys);
     for (size_t i = 0; i < c.n; i++) {
         const twn_src_unit *u = &c.plan.v[i];
         c.units[i].u = u;
         c.units[i].key = twn_unit_key(u->path, u->start, u->end - u->start);
-        c.keys[i] = (keyidx){c.units[i].key, (uint32_t)i};
+        keys[i] = c.units[i].key;
         specs[i] = (twn_unit_spec){c.units[i].key, (uint32_t)u->count};
     }
-    qsort(c.keys, c.n, sizeof *c.keys, keyidx_cmp);
 
     size_t len = 1;
     for (size_t i = 0; i < cfg->n_inputs; i++) len += strlen(cfg->inputs[i]) + 1;
@@ -628,14 +672,25 @@ int twn_coord_run(const twn_coord_cfg *cfg, twn_coord_summary *sum, twn_err *err
     if (cfg->dead_letter_path && !(c.dl = fopen(cfg->dead_letter_path, "a"))) {
         twn_err_errno(err, "cannot open dead-letter file %s", cfg->dead_letter_path);
         twn_free(specs);
+        twn_free(keys);
         goto out;
     }
     if (twn_cstate_open(cfg->journal_path, &fp, &cfg->cs, &hooks, &c.cs, NULL, err) ||
         twn_cstate_add_units(c.cs, specs, c.n, err)) {
         twn_free(specs);
+        twn_free(keys);
         goto out;
     }
+    /* a stream releases these too, but a restart plans them again: their records stay */
+    if (cfg->streaming) twn_cstate_keep_keys(c.cs, keys, c.n);
     twn_free(specs);
+    twn_free(keys);
+    if (cfg->streaming || twn_offsets_count(c.offs)) {
+        twn_kplanner_cfg kc = {
+            cfg->io,        cfg->inputs,        cfg->n_inputs,        cfg->unit_items,
+            cfg->streaming, cfg->stream_poll_s, cfg->stream_max_units};
+        if (twn_kplanner_start(&kc, &c.plan, &c.kp, err)) goto out;
+    }
 
     twn_sock_opts so = twn_sock_opts_default();
     so.linger_ms = 0;
@@ -653,9 +708,10 @@ int twn_coord_run(const twn_coord_cfg *cfg, twn_coord_summary *sum, twn_err *err
     double t_rerun = !cfg->streaming && twn_cstate_all_done(c.cs) && !cfg->expect_peers
                          ? cfg->heartbeat_s * (cfg->missed_beats > 0 ? cfg->missed_beats : 1)
                          : 0;
-    double next_poll = twn_now() + cfg->stream_poll_s, drain_until = 0;
-    int draining = 0;
+    double drain_until = 0;
+    int draining = 0, replay_dropped = 0;
     while (cfg->streaming || !twn_cstate_all_done(c.cs)) {
+        double t_pass = twn_now();
         if (cfg->stop && *cfg->stop && !cfg->streaming) {
             twn_err_set(err, "coordinator: stopped before the job finished");
             goto out;
@@ -668,9 +724,17 @@ int twn_coord_run(const twn_coord_cfg *cfg, twn_coord_summary *sum, twn_err *err
             twn_cstate_stats st;
             twn_cstate_stats_get(c.cs, &st);
             if ((!st.unit_leases_live && !st.hard_leases_live) || twn_now() > drain_until) break;
-        } else if (cfg->streaming && twn_now() >= next_poll) {
-            if (stream_more(&c, err)) goto out;
-            next_poll = twn_now() + cfg->stream_poll_s;
+        } else if (cfg->streaming) {
+            /* Once the thread has planned up to a high watermark read after the open, and those
+             * units are taken, every unit the journal's replay can still apply to is added again.
+             * (The flag is read first: it is set with the units of that planning.) */
+            twn_kplanner_stats ks = {0};
+            if (!replay_dropped) twn_kplanner_stats_get(c.kp, &ks);
+            if (stream_take(&c, err)) goto out;
+            if (ks.caught_up) {
+                twn_cstate_replay_drop(c.cs);
+                replay_dropped = 1;
+            }
         }
         twn_peer_id from;
         Twn__Envelope *m = NULL;
@@ -691,16 +755,22 @@ int twn_coord_run(const twn_coord_cfg *cfg, twn_coord_summary *sum, twn_err *err
             goto out;
         }
         now = twn_now();
-        twn_peer *dead[16];
-        size_t nd = twn_peers_expire(c.peers, now, dead, 16);
-        for (size_t i = 0; i < nd && i < 16; i++) {
-            peer_user *pu = dead[i]->user;
+        /* Every peer declared dead now gets its leases ended now (twn_peers_expire marks them
+         * all; a fixed-size list here once left all but the first 16 holding their work). */
+        if (c.cap_dead < twn_peers_count(c.peers)) {
+            c.cap_dead = twn_peers_count(c.peers);
+            c.dead = twn_realloc(c.dead, c.cap_dead * sizeof *c.dead);
+        }
+        size_t nd = twn_peers_expire(c.peers, now, c.dead, c.cap_dead);
+        twn_cmetrics_peers_lost(&c.metrics, nd);
+        for (size_t i = 0; i < nd; i++) {
+            peer_user *pu = c.dead[i]->user;
             if (pu) twn_cstate_worker_dead(c.cs, pu->wid);
         }
         if (twn_cstate_tick(c.cs, now, err)) goto out;
         twn_cmetrics_update(&c.metrics, c.cs, now, 0);
-        if (twn_offsets_commit(c.offs, c.io, twn_cstate_low_water(c.cs), now, 0, &e))
-            warn("Kafka commit", &e); /* retried on a later pass */
+        if (c.kp) commit_async(&c, now); /* the thread owns the broker round trips */
+        if (cfg->streaming && stream_release(&c, err)) goto out;
         for (size_t i = 0; i < twn_peers_count(c.peers) && !draining; i++) {
             twn_peer *p = twn_peers_at(c.peers, i);
             if (!p->alive || !p->user) continue;
@@ -709,11 +779,20 @@ int twn_coord_run(const twn_coord_cfg *cfg, twn_coord_summary *sum, twn_err *err
             else if (p->role == TWN__ROLE__ROLE_WORKER)
                 grant_worker(&c, p, now);
         }
+        now = twn_now();
+        twn_cmetrics_loop_pass(&c.metrics, now - t_pass, now);
+    }
+    if (c.kp) {
+        /* the thread's last commit (if any) is taken before the final one below */
+        twn_kplanner_stop(c.kp);
+        size_t n;
+        const twn_offset_point *res = twn_kplanner_commit_result(c.kp, &n);
+        twn_offsets_done(c.offs, res, n);
     }
     twn_cmetrics_update(&c.metrics, c.cs, twn_now(), 1);
     twn_cstate_stats st;
     twn_cstate_stats_get(c.cs, &st);
-    uint32_t final_low = (uint32_t)c.n;
+    uint32_t final_low = c.base + (uint32_t)c.n;
     if (cfg->streaming) {
         /* no JOB_FINISHED: a stream is never finished; what is done is made durable */
         if (twn_cstate_sync(c.cs, err)) goto out;

@@ -53,18 +53,27 @@ typedef struct twn_coord_cfg {
     /* frame / ZeroMQ message limit (limits.max_message_bytes); 0 = 64 MiB (transport.h) */
     size_t max_message_bytes;
     volatile int *stop; /* optional: set non-zero to stop early (returns -1; streaming: 0) */
-    /* kafka.streaming: the job never ends by itself.  Every stream_poll_s (0.5 s) the high
-     * watermarks of the kafka:// inputs are read again and the offsets beyond the plan are
-     * planned as new units (twn_srcio_plan_more: same unit size); they are journaled as they are
-     * done and the group's offsets follow the durable low water as in batch mode.  Other inputs
-     * are planned once at the start, as in a batch job; a streaming job without a kafka:// input
-     * is refused.  *stop ends it cleanly: no new leases, the leases in flight are drained (until
-     * none is live, or lease_s at most), the journal is committed, the offsets are committed up
-     * to the durable low water, peers get Shutdown, and 0 is returned.  No JOB_FINISHED is
+    /* kafka.streaming: the job never ends by itself.  Every stream_poll_s (0.5 s) the Kafka
+     * thread (coordinator/kplanner.h) reads the high watermarks of the kafka:// inputs again and
+     * plans the offsets beyond the plan as new units (twn_srcio_plan_more_max: same unit size,
+     * at most stream_max_units held), which the loop picks up without waiting; they are
+     * journaled as they are done and the group's offsets follow the durable low water as in
+     * batch mode (committed by the same thread).  Done and committed units are released and the
+     * journal compacted (cs.journal_compact_bytes), so memory and journal stay bounded.  Other
+     * inputs are planned once at the start, as in a batch job; a streaming job without a kafka://
+     * input is refused.  *stop ends it cleanly: no new leases, the leases in flight are drained
+     * (until none is live, or lease_s at most), the journal is committed, the offsets are committed
+     * up to the durable low water, peers get Shutdown, and 0 is returned.  No JOB_FINISHED is
      * written: a restart plans from the committed offsets (the fingerprint does not cover the
      * number of units, so the journal is taken) and goes on streaming. */
     int streaming;
     double stream_poll_s;
+    /* A stream holds in memory only the units planned and not yet released: a unit is released
+     * (its state, keys, journal records) once it is done and its offsets are committed.  The
+     * Kafka thread (coordinator/kplanner.h), which does the planning and the commits so that a
+     * broker outage never blocks this loop, plans at most this many units ahead of the releases
+     * (1024), so a backlog is planned as it drains. */
+    size_t stream_max_units;
     /* At the end every peer answers Shutdown (or goes silent); the coordinator returns once all
      * have, and at least expect_peers peers have been seen (twn run knows its threads: a re-run
      * of a finished job must still tell each one to stop), or after missed_beats intervals. */

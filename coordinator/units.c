@@ -3,7 +3,11 @@
  * Layout: a dense array of fixed unit records in plan order, an open-addressing map from key to
  * sequence number, and per active unit one uint32 word per item: state in the low 3 bits, the
  * caller's tag above.  A unit with no word array is either untouched (every item PENDING) or
- * done (every item terminal), which `done` tells apart. */
+ * done (every item terminal), which `done` tells apart.
+ *
+ * The array holds the units [base, n): a stream drops its done prefix (twn_units_release), so the
+ * record of sequence number s is u[s - base], and the map deletes keys by backward shifting (no
+ * tombstones, so a long stream's map stays as small as its resident units). */
 #include "coordinator/units.h"
 
 #include <inttypes.h>
@@ -26,8 +30,10 @@ typedef struct unit {
 } unit;
 
 struct twn_units {
-    unit *u;
-    size_t n, cap;
+    unit *u;       /* units base .. n-1 */
+    size_t n;      /* units ever added (the next sequence number) */
+    size_t cap;    /* of u */
+    uint32_t base; /* units below it were released */
     /* key -> seq + 1 (0 = empty), linear probing, power-of-two capacity, load <= 1/2 */
     uint64_t *mkeys;
     uint32_t *mvals;
@@ -76,15 +82,24 @@ twn_units *twn_units_new(void) {
 
 void twn_units_free(twn_units *t) {
     if (!t) return;
-    for (size_t i = 0; i < t->n; i++) twn_free(t->u[i].items);
+    for (size_t i = 0; i < t->n - t->base; i++) twn_free(t->u[i].items);
     twn_free(t->u);
     twn_free(t->mkeys);
     twn_free(t->mvals);
     twn_free(t);
 }
 
+/* The record of a resident unit. */
+static inline unit *U(const twn_units *t, uint32_t seq) {
+    return &t->u[seq - t->base];
+}
+
+static inline int released(const twn_units *t, uint32_t seq) {
+    return seq < t->base;
+}
+
 static void advance_low(twn_units *t) {
-    while (t->low < t->n && t->u[t->low].done) t->low++;
+    while (t->low < t->n && U(t, t->low)->done) t->low++;
 }
 
 static void finish_unit(twn_units *t, unit *u, twn_units_result *res) {
@@ -111,12 +126,12 @@ int twn_units_add(twn_units *t, uint64_t key, uint32_t n_items, uint32_t *seq, i
         return twn_err_set(
             err, "unit %016" PRIx64 ": duplicate key (unit %" PRIu32 " has the same source range)",
             key, t->mvals[s] - 1);
-    if (t->n == t->cap) {
+    if (t->n - t->base == t->cap) {
         t->cap = t->cap ? t->cap * 2 : 64;
         t->u = twn_realloc(t->u, t->cap * sizeof *t->u);
     }
     uint32_t q = (uint32_t)t->n++;
-    unit *u = &t->u[q];
+    unit *u = U(t, q);
     memset(u, 0, sizeof *u);
     u->key = key;
     u->n_items = n_items;
@@ -124,7 +139,7 @@ int twn_units_add(twn_units *t, uint64_t key, uint32_t n_items, uint32_t *seq, i
     u->c.n_items = n_items;
     t->mkeys[s] = key;
     t->mvals[s] = q + 1;
-    if ((t->n + 1) * 2 > t->mcap) map_grow(t);
+    if ((t->n - t->base + 1) * 2 > t->mcap) map_grow(t);
     t->p.units_total++;
     t->p.items_total += n_items;
     int d = 0;
@@ -154,31 +169,36 @@ int twn_units_lookup(twn_units *t, uint64_t key, uint32_t *seq, twn_err *err) {
     return twn_err_set(err, "unknown unit %016" PRIx64 ": not in the plan (%zu units)", key, t->n);
 }
 
+/* A released unit reads as done, with no items, key 0 and no tags: refs of it still waiting in a
+ * lease queue are dropped at grant like those of any done unit. */
 uint64_t twn_units_key(const twn_units *t, uint32_t seq) {
-    return t->u[seq].key;
+    return released(t, seq) ? 0 : U(t, seq)->key;
 }
 uint32_t twn_units_n_items(const twn_units *t, uint32_t seq) {
-    return t->u[seq].n_items;
+    return released(t, seq) ? 0 : U(t, seq)->n_items;
 }
 int twn_units_is_done(const twn_units *t, uint32_t seq) {
-    return t->u[seq].done;
+    return released(t, seq) || U(t, seq)->done;
 }
 uint32_t twn_units_pending(const twn_units *t, uint32_t seq) {
-    return t->u[seq].n_pending;
+    return released(t, seq) ? 0 : U(t, seq)->n_pending;
 }
 twn_unit_counts twn_units_counts(const twn_units *t, uint32_t seq) {
-    return t->u[seq].c;
+    twn_unit_counts none = {0};
+    return released(t, seq) ? none : U(t, seq)->c;
 }
 
 twn_item_state twn_units_item(const twn_units *t, uint32_t seq, uint32_t item) {
-    const unit *u = &t->u[seq];
+    if (released(t, seq)) return TWN_ITEM_COMPLETED;
+    const unit *u = U(t, seq);
     if (u->done) return TWN_ITEM_COMPLETED;
     if (!u->items) return TWN_ITEM_PENDING;
     return (twn_item_state)(u->items[item] & STATE_MASK);
 }
 
 uint32_t twn_units_item_tag(const twn_units *t, uint32_t seq, uint32_t item) {
-    const unit *u = &t->u[seq];
+    if (released(t, seq)) return 0;
+    const unit *u = U(t, seq);
     return u->items ? u->items[item] >> STATE_BITS : 0;
 }
 
@@ -192,22 +212,26 @@ static uint32_t *items_of(twn_units *t, unit *u) {
 }
 
 void twn_units_set_item_tag(twn_units *t, uint32_t seq, uint32_t item, uint32_t tag) {
-    unit *u = &t->u[seq];
+    if (released(t, seq)) return;
+    unit *u = U(t, seq);
     if (u->done) return;
     uint32_t *w = &items_of(t, u)[item];
     *w = (*w & STATE_MASK) | (tag & TWN_UNIT_MAX_TAG) << STATE_BITS;
 }
 
 uint32_t twn_units_tag(const twn_units *t, uint32_t seq) {
-    return t->u[seq].tag;
+    return released(t, seq) ? 0 : U(t, seq)->tag;
 }
 void twn_units_set_tag(twn_units *t, uint32_t seq, uint32_t tag) {
-    t->u[seq].tag = tag;
+    if (!released(t, seq)) U(t, seq)->tag = tag;
 }
 
 static int check_items(const twn_units *t, uint32_t seq, const uint32_t *items, size_t n,
                        const char *what, twn_err *err) {
-    const unit *u = &t->u[seq];
+    if (released(t, seq))
+        return twn_err_set(
+            err, "%s for unit #%" PRIu32 ": the unit was released (done and committed)", what, seq);
+    const unit *u = U(t, seq);
     for (size_t i = 0; i < n; i++)
         if (items[i] >= u->n_items)
             return twn_err_set(err,
@@ -274,7 +298,7 @@ int twn_units_ack(twn_units *t, uint32_t seq, const uint32_t *items, const uint3
         if (n_tags) *n_tags = 0;
         return -1;
     }
-    unit *u = &t->u[seq];
+    unit *u = U(t, seq);
     twn_item_state st = route == TWN_ROUTE_HARD ? TWN_ITEM_HARD : TWN_ITEM_EASY;
     if (u->done) {
         r.duplicates = (uint32_t)n;
@@ -302,7 +326,14 @@ int twn_units_ack_range(twn_units *t, uint32_t seq, uint32_t lo, uint32_t hi, tw
                         uint32_t *tags_out, size_t *n_tags, twn_units_result *res, twn_err *err) {
     twn_units_result r = {0};
     size_t nt = 0;
-    unit *u = &t->u[seq];
+    if (released(t, seq)) {
+        t->p.bad_reports++;
+        if (res) *res = r;
+        if (n_tags) *n_tags = 0;
+        return twn_err_set(
+            err, "ack for unit #%" PRIu32 ": the unit was released (done and committed)", seq);
+    }
+    unit *u = U(t, seq);
     if (lo > hi || hi > u->n_items) {
         t->p.bad_reports++;
         if (res) *res = r;
@@ -345,7 +376,7 @@ int twn_units_mark_hard(twn_units *t, uint32_t seq, const uint32_t *items, size_
         if (n_changed) *n_changed = 0;
         return -1;
     }
-    unit *u = &t->u[seq];
+    unit *u = U(t, seq);
     if (u->done) {
         r.duplicates = (uint32_t)n;
     } else {
@@ -381,7 +412,7 @@ int twn_units_dead(twn_units *t, uint32_t seq, uint32_t item, uint32_t *tag, twn
         if (res) *res = r;
         return -1;
     }
-    unit *u = &t->u[seq];
+    unit *u = U(t, seq);
     if (u->done) {
         r.duplicates = 1;
     } else {
@@ -401,7 +432,8 @@ int twn_units_dead(twn_units *t, uint32_t seq, uint32_t item, uint32_t *tag, twn
 }
 
 void twn_units_restore_done(twn_units *t, uint32_t seq, const twn_unit_counts *c) {
-    unit *u = &t->u[seq];
+    if (released(t, seq)) return;
+    unit *u = U(t, seq);
     if (u->done) return;
     /* Undo whatever this run had counted for the unit, then take the journal's counts. */
     t->p.easy -= u->c.easy;
@@ -430,4 +462,49 @@ const twn_progress *twn_units_progress(const twn_units *t) {
 }
 size_t twn_units_item_bytes(const twn_units *t) {
     return t->item_bytes;
+}
+
+/* Deletes key from the map (linear probing: the entries after it that would no longer be found
+ * from their home slot are shifted back into the hole). */
+static void map_del(twn_units *t, uint64_t key) {
+    size_t mask = t->mcap - 1, i = map_slot(t, key);
+    if (!t->mvals[i]) return;
+    for (size_t j = i;;) {
+        j = (j + 1) & mask;
+        if (!t->mvals[j]) break;
+        size_t home = mix(t->mkeys[j]) & mask;
+        /* j stays when its home lies cyclically in (i, j] */
+        if (i <= j ? (i < home && home <= j) : (i < home || home <= j)) continue;
+        t->mkeys[i] = t->mkeys[j];
+        t->mvals[i] = t->mvals[j];
+        i = j;
+    }
+    t->mvals[i] = 0;
+    t->mkeys[i] = 0;
+}
+
+size_t twn_units_release(twn_units *t, uint32_t below) {
+    if (below > t->low) below = t->low; /* only done units, and only a prefix */
+    if (below <= t->base) return 0;
+    size_t k = below - t->base;
+    for (size_t i = 0; i < k; i++) {
+        map_del(t, t->u[i].key);
+        twn_free(t->u[i].items); /* NULL: a done unit's words were freed when it completed */
+    }
+    memmove(t->u, t->u + k, (t->n - below) * sizeof *t->u);
+    t->base = below;
+    /* a long burst may have grown the array: give most of it back once the stream settles */
+    if (t->cap > 1024 && (t->n - t->base) * 8 < t->cap) {
+        t->cap /= 4;
+        t->u = twn_realloc(t->u, t->cap * sizeof *t->u);
+    }
+    return k;
+}
+
+uint32_t twn_units_base(const twn_units *t) {
+    return t->base;
+}
+
+size_t twn_units_resident(const twn_units *t) {
+    return t->n - t->base;
 }

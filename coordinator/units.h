@@ -18,7 +18,10 @@
  *
  * Memory: a unit's per-item words exist only while it is active (allocated on the first report
  * about it) and are freed the moment it completes, so memory follows the units in flight, not the
- * items processed.  Each planned unit keeps one small fixed record (~64 bytes) for the job's life.
+ * items processed.  Each planned unit keeps one small fixed record (~64 bytes) until it is
+ * released: a batch job never releases (its plan is finite); a stream releases its done prefix
+ * once the journal and the Kafka commits cover it (twn_units_release), so a long stream holds
+ * only the units between its committed low water and the planned end.
  *
  * Tags: the upper 29 bits of each item word, and one word per unit, belong to the caller (the
  * coordinator stores "lease slot + 1" there, 0 = none).  The table hands a tag back, and clears
@@ -87,6 +90,7 @@ void twn_units_free(twn_units *t);
 int twn_units_add(twn_units *t, uint64_t key, uint32_t n_items, uint32_t *seq, int *done_now,
                   twn_err *err);
 
+/* Units ever added (released ones included): the next sequence number. */
 size_t twn_units_count(const twn_units *t);
 /* 1 and *seq when the key is planned, else 0. */
 int twn_units_find(const twn_units *t, uint64_t key, uint32_t *seq);
@@ -130,6 +134,17 @@ int twn_units_dead(twn_units *t, uint32_t seq, uint32_t item, uint32_t *tag, twn
 
 /* Replay: the journal says this unit is done with these counts (idempotent). */
 void twn_units_restore_done(twn_units *t, uint32_t seq, const twn_unit_counts *c);
+
+/* Forgets the units with sequence numbers below `below` (at most the low water: only done units,
+ * only a prefix): their records, keys and item words go; their sequence numbers are not reused.
+ * Afterwards a released unit reads as done with no items and key 0, twn_units_find does not know
+ * its key, and reports about it fail.  Progress counters keep counting them.  Returns how many
+ * were released. */
+size_t twn_units_release(twn_units *t, uint32_t below);
+/* Lowest sequence number not released (0 until something is). */
+uint32_t twn_units_base(const twn_units *t);
+/* Units held in memory: count - base. */
+size_t twn_units_resident(const twn_units *t);
 
 /* Lowest sequence number whose unit is not done (== count when all are). */
 uint32_t twn_units_low_water(const twn_units *t);

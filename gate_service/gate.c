@@ -86,30 +86,128 @@ static int send_hello(twn_role_conn *c, twn_err *err) {
     return twn_role_send(c, &env, err);
 }
 
-void twn_role_lease_begin(twn_role_conn *c, uint64_t deadline_unix_ms, uint32_t lease_ms) {
+/* The local estimate of a lease's deadline at its receipt (0: none); called under mu. */
+static double lease_estimate(const twn_role_conn *c, uint64_t deadline_unix_ms, uint32_t lease_ms) {
+    double now = twn_now(), len = lease_ms / 1000.0, end = 0;
+    if (deadline_unix_ms) end = now + ((double)deadline_unix_ms - (double)twn_unix_ms()) / 1000.0;
+    /* A lease that waited in our queue was renewed by the heartbeats sent meanwhile that listed
+     * a moving lease (lease.h twn_leases_report). */
+    if (lease_ms && end && c->last_renewing + len > end) end = c->last_renewing + len;
+    return end;
+}
+
+void twn_role_lease_begin(twn_role_conn *c, uint64_t lease_id, uint64_t deadline_unix_ms,
+                          uint32_t lease_ms, uint32_t stall_ms) {
     lock(c);
-    double now = twn_now();
     c->abandoned = 0;
     c->lease_len = lease_ms / 1000.0;
-    c->lease_end = 0;
-    if (deadline_unix_ms)
-        c->lease_end = now + ((double)deadline_unix_ms - (double)twn_unix_ms()) / 1000.0;
-    /* A lease that waited in our queue was renewed by the heartbeats sent meanwhile. */
-    if (lease_ms && c->lease_end && c->last_sent + c->lease_len > c->lease_end)
-        c->lease_end = c->last_sent + c->lease_len;
+    c->lease_end = lease_estimate(c, deadline_unix_ms, lease_ms);
+    c->lease_id = lease_id;
+    c->lease_progress = 1; /* started */
+    c->lease_moved = twn_now();
+    c->lease_stall = stall_ms / 1000.0;
     unlock(c);
 }
 
-double twn_role_lease_overdue(const twn_role_conn *c) {
+/* A lease's deadline as the coordinator may see it: no later than stall seconds after its
+ * progress last moved (heartbeats do not renew it past that). */
+static double stall_end(double end, double moved, double stall) {
+    return end && stall > 0 && moved + stall < end ? moved + stall : end;
+}
+
+static int stalled_at(double now, double moved, double stall) {
+    return stall > 0 && now - moved >= stall;
+}
+
+void twn_role_lease_progress(twn_role_conn *c, uint64_t lease, uint64_t n) {
+    if (!n || !lease) return;
     lock(c);
+    double now = twn_now();
+    for (size_t i = 0; i < c->n_clocks; i++)
+        if (c->clocks[i].lease == lease) {
+            c->clocks[i].progress += n;
+            c->clocks[i].moved = now;
+        }
+    if (c->lease_id == lease) {
+        c->lease_progress += n;
+        c->lease_moved = now;
+    }
+    unlock(c);
+}
+
+void twn_role_lease_alive(twn_role_conn *c) {
+    lock(c);
+    double now = twn_now();
+    for (size_t i = 0; i < c->n_clocks; i++) {
+        c->clocks[i].progress++;
+        c->clocks[i].moved = now;
+    }
+    if (c->lease_id) {
+        c->lease_progress++;
+        c->lease_moved = now;
+    }
+    unlock(c);
+}
+
+/* twn_role_lease_overdue for a lease whose clock says `lease_end`; called under mu. */
+static double overdue_at(const twn_role_conn *c, double lease_end) {
     double now = twn_now(), grace = c->beat.interval_s;
     double late = c->missed_beats
                       ? now - (c->last_sent + c->beat.interval_s * c->missed_beats + grace)
                       : -1e9;
-    if (c->lease_end && now - (c->lease_end + grace) > late) late = now - (c->lease_end + grace);
+    if (lease_end && now - (lease_end + grace) > late) late = now - (lease_end + grace);
     if (c->rejoin) late = 1e9;
+    return late;
+}
+
+double twn_role_lease_overdue(const twn_role_conn *c) {
+    lock(c);
+    double late = overdue_at(c, stall_end(c->lease_end, c->lease_moved, c->lease_stall));
     unlock(c);
     return late;
+}
+
+// The clocks of several held leases (twn_role_conn.clocks; the gate's)
+
+static void clock_add(twn_role_conn *c, const Twn__UnitLease *l) {
+    lock(c);
+    if (c->n_clocks == c->cap_clocks) {
+        c->cap_clocks = c->cap_clocks ? 2 * c->cap_clocks : 8;
+        c->clocks = twn_realloc(c->clocks, c->cap_clocks * sizeof *c->clocks);
+    }
+    c->clocks[c->n_clocks++] = (twn_role_clock){
+        .lease = l->lease_id,
+        .unit = l->unit_id,
+        .end = lease_estimate(c, l->deadline_unix_ms, l->lease_ms),
+        .len = l->lease_ms / 1000.0,
+        .progress = 1, /* taken off the socket: started */
+        .moved = twn_now(),
+        .stall = l->stall_ms / 1000.0,
+    };
+    unlock(c);
+}
+
+/* twn_role_lease_overdue for one held lease (one not held: as a lease without a deadline). */
+static double clock_overdue(const twn_role_conn *c, uint64_t lease) {
+    lock(c);
+    double end = 0;
+    for (size_t i = 0; i < c->n_clocks; i++)
+        if (c->clocks[i].lease == lease)
+            end = stall_end(c->clocks[i].end, c->clocks[i].moved, c->clocks[i].stall);
+    double late = overdue_at(c, end);
+    unlock(c);
+    return late;
+}
+
+static void clock_remove(twn_role_conn *c, uint64_t lease) {
+    lock(c);
+    for (size_t i = 0; i < c->n_clocks; i++) {
+        if (c->clocks[i].lease != lease) continue;
+        memmove(&c->clocks[i], &c->clocks[i + 1], (c->n_clocks - i - 1) * sizeof *c->clocks);
+        c->n_clocks--;
+        break;
+    }
+    unlock(c);
 }
 
 /* The answer to the coordinator's Shutdown (and a graceful goodbye): it may close its ROUTER
@@ -135,8 +233,9 @@ int twn_role_connect(twn_role_conn *c, const twn_role_cfg *cfg, int role, int di
     c->mu_init = 1;
     c->cfg = cfg;
     c->dim = dim;
-    c->fo = twn_frame_opts_default();
+    c->fo = twn_frame_opts_for(cfg->control);
     if (cfg->max_message_bytes) c->fo.max_size = cfg->max_message_bytes;
+    c->fo_push = c->fo;
     twn_sock_opts so = twn_sock_opts_default();
     so.linger_ms = 0;
     so.routing_id = cfg->id;
@@ -198,6 +297,11 @@ int twn_role_connect(twn_role_conn *c, const twn_role_cfg *cfg, int role, int di
         po.sndtimeo_ms = -1;
         po.sndhwm = cfg->shard_credits > 0 ? cfg->shard_credits : 4;
         po.max_msg_bytes = twn_wire_limit(&c->fo);
+        c->fo_push.zstd_threshold = 0;
+        for (uint32_t i = 0; i < c->shards; i++) {
+            twn_frame_opts f = twn_frame_opts_for(w->shard_endpoints[i]);
+            if (f.zstd_threshold) c->fo_push.zstd_threshold = f.zstd_threshold;
+        }
         for (uint32_t i = 0; i < c->shards; i++)
             if (!(c->push[i] = twn_sock_new(cfg->zctx, ZMQ_PUSH, &po, err)) ||
                 twn_curve_client(c->push[i], w->shard_endpoints[i], cfg->curve, err) ||
@@ -248,6 +352,7 @@ void twn_role_close(twn_role_conn *c) {
     for (size_t i = 0; i < c->n_pf; i++) twn_prefetch_drop(c->pf[i]);
     twn_free(c->pf);
     twn_free(c->pf_lease);
+    twn_free(c->clocks);
     twn_srcio_close(c->io);
     if (c->dealer) twn_sock_close(c->dealer);
     if (c->mu_init) pthread_mutex_destroy(&c->mu);
@@ -275,19 +380,57 @@ static int beat_locked(twn_role_conn *c, twn_err *err) {
         c->rejoin = 1;
         return send_hello(c, err);
     }
-    if (c->lease_end && now < c->lease_end && now + c->lease_len > c->lease_end)
-        c->lease_end = now + c->lease_len;
+    /* The heartbeat lists every lease taken off the socket with its progress; the coordinator
+     * renews those that moved within their stall time (and, while one did, the leases still
+     * queued for us), so the local clocks move the same way. */
+    size_t nl = c->n_clocks + 1, k = 0;
+    uint64_t one[2][4], *ids = nl <= 4 ? one[0] : twn_malloc(2 * nl * sizeof *ids);
+    uint64_t *prog = nl <= 4 ? one[1] : ids + nl;
+    int moving = 0, single = c->lease_id != 0;
+    for (size_t i = 0; i < c->n_clocks; i++) { /* the same for each lease the gate holds */
+        twn_role_clock *x = &c->clocks[i];
+        int live = !stalled_at(now, x->moved, x->stall);
+        if (live && x->end && now < x->end && now + x->len > x->end) x->end = now + x->len;
+        if (!live) x->end = stall_end(x->end, x->moved, x->stall); /* for good: it ended there */
+        moving |= live;
+        single &= x->lease != c->lease_id;
+        ids[k] = x->lease;
+        prog[k++] = x->progress;
+    }
+    if (c->lease_id && !stalled_at(now, c->lease_moved, c->lease_stall)) {
+        if (c->lease_end && now < c->lease_end && now + c->lease_len > c->lease_end)
+            c->lease_end = now + c->lease_len;
+        moving = 1;
+    } else if (c->lease_id) {
+        c->lease_end = stall_end(c->lease_end, c->lease_moved, c->lease_stall);
+    }
+    if (single) {
+        ids[k] = c->lease_id;
+        prog[k++] = c->lease_progress;
+    }
     Twn__Heartbeat hb = TWN__HEARTBEAT__INIT;
     hb.seq = ++c->hb_seq;
-    uint64_t act = c->active;
-    if (act) {
+    hb.n_lease_ids = hb.n_lease_progress = k;
+    hb.lease_ids = ids;
+    hb.lease_progress = prog;
+    uint64_t act = c->active, *units = NULL;
+    if (c->n_clocks) {
+        units = twn_malloc(c->n_clocks * sizeof *units);
+        for (size_t i = 0; i < c->n_clocks; i++) units[i] = c->clocks[i].unit;
+        hb.n_active_units = c->n_clocks;
+        hb.active_units = units;
+    } else if (act) {
         hb.n_active_units = 1;
         hb.active_units = &act;
     }
     Twn__Envelope env = TWN__ENVELOPE__INIT;
     env.body_case = TWN__ENVELOPE__BODY_HEARTBEAT;
     env.heartbeat = &hb;
-    return twn_role_send(c, &env, err);
+    int rc = twn_role_send(c, &env, err);
+    if (!rc && moving) c->last_renewing = now;
+    twn_free(units);
+    if (ids != one[0]) twn_free(ids);
+    return rc;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -351,13 +494,29 @@ int twn_role_reject(twn_role_conn *c, const Twn__ItemRef *ref, int stage, const 
     return 0;
 }
 
+static void drain(twn_role_conn *c);
+
+/* A Shutdown waits for this role (on the DEALER, moved to the stash, or there already). */
+static int shutdown_queued(twn_role_conn *c) {
+    drain(c);
+    for (size_t k = 0; k < c->n_stash; k++)
+        if (c->stash[k]->body_case == TWN__ENVELOPE__BODY_SHUTDOWN) return 1;
+    return 0;
+}
+
 /* Flow control to the shards.  A PUSH socket holds at most shard_credits batches for its shard
  * and the indexer's PULL at most its credits (ZMQ_RCVHWM) per sender; a shard that falls behind
  * fills both, and then the sender waits here: it stops reading and gating, its units finish
  * later, it asks for fewer, and memory stays flat however slow a shard is.  The HWM is ZeroMQ's
  * own credit scheme (the receiver returns credit as it reads), so no CreditGrant round trips are
  * needed on the data path.  Heartbeats go on while waiting: a sender held back by a slow shard is
- * alive and keeps its leases. */
+ * alive and keeps its leases.
+ * A Shutdown ends the wait (only a blocked sender looks for one; others read it in order once
+ * their work is done): the job is over, the indexers stop reading and exit, and the queue may
+ * never drain.  What waits is not needed then: the coordinator ends a unit's lease once the
+ * items it lacked are acked, so a unit leased again after an indexer lost some of its items is
+ * done while its holder still sends the rest (test_shard_wait.c; it used to hang here forever,
+ * deaf to that Shutdown and to a re-run coordinator's). */
 static int wait_shard(twn_role_conn *c, uint32_t s, twn_err *err) {
     for (;;) {
         zmq_pollitem_t pi = {c->push[s], 0, ZMQ_POLLOUT, 0};
@@ -367,8 +526,14 @@ static int wait_shard(twn_role_conn *c, uint32_t s, twn_err *err) {
                                zmq_strerror(zmq_errno()));
         if (n > 0 && (pi.revents & ZMQ_POLLOUT)) return 0;
         c->shard_waits++;
+        twn_role_lease_alive(c); /* held back by a shard, not hung: the leases move */
         if (c->cfg->stop && *c->cfg->stop)
             return twn_err_set(err, "%s: stopped while shard %u was full", c->cfg->id, s);
+        if (shutdown_queued(c)) { /* twn_role_serve says goodbye and ends: not a failure */
+            c->shut = 1;
+            return twn_err_set(err, "%s: Shutdown from the coordinator while shard %u was full",
+                               c->cfg->id, s);
+        }
         if (twn_role_beat(c, err)) return -1;
     }
 }
@@ -393,21 +558,32 @@ int twn_role_flush(twn_role_conn *c, uint64_t unit, twn_err *err) {
         Twn__Envelope env = TWN__ENVELOPE__INIT;
         env.body_case = TWN__ENVELOPE__BODY_EMBEDDING_BATCH;
         env.embedding_batch = &b;
-        rc = wait_shard(c, s, err) || twn_send_msg(c->push[s], NULL, &env, &c->fo, err);
+        rc = wait_shard(c, s, err) || twn_send_msg(c->push[s], NULL, &env, &c->fo_push, err);
         twn_free(ptrs);
         c->n_emb[s] = 0;
     }
-    if (!rc && c->n_hard) {
+    if (!rc && c->n_hard) { /* one HardItems per unit: a gate pass spans several units */
         Twn__HardItem **ptrs = twn_malloc(c->n_hard * sizeof *ptrs);
-        for (size_t i = 0; i < c->n_hard; i++) ptrs[i] = &c->hard[i];
-        Twn__HardItems h = TWN__HARD_ITEMS__INIT;
-        h.unit_id = unit;
-        h.n_items = c->n_hard;
-        h.items = ptrs;
-        Twn__Envelope env = TWN__ENVELOPE__INIT;
-        env.body_case = TWN__ENVELOPE__BODY_HARD_ITEMS;
-        env.hard_items = &h;
-        rc = twn_role_send(c, &env, err);
+        unsigned char *sent = twn_calloc(c->n_hard, 1);
+        for (size_t i = 0; i < c->n_hard && !rc; i++) {
+            if (sent[i]) continue;
+            uint64_t u = c->hard[i].ref ? c->hard[i].ref->unit_id : unit;
+            size_t k = 0;
+            for (size_t j = i; j < c->n_hard; j++) {
+                if (sent[j] || (c->hard[j].ref ? c->hard[j].ref->unit_id : unit) != u) continue;
+                sent[j] = 1;
+                ptrs[k++] = &c->hard[j];
+            }
+            Twn__HardItems h = TWN__HARD_ITEMS__INIT;
+            h.unit_id = u;
+            h.n_items = k;
+            h.items = ptrs;
+            Twn__Envelope env = TWN__ENVELOPE__INIT;
+            env.body_case = TWN__ENVELOPE__BODY_HARD_ITEMS;
+            env.hard_items = &h;
+            rc = twn_role_send(c, &env, err);
+        }
+        twn_free(sent);
         twn_free(ptrs);
     }
     if (!rc && c->n_rej) {
@@ -437,6 +613,9 @@ static int send_finished(twn_role_conn *c, uint64_t lease, int abandoned, twn_er
     env.finished = &f;
     if (twn_role_send(c, &env, err)) return -1;
     c->active = 0;
+    lock(c);
+    if (c->lease_id == lease) c->lease_id = 0; /* no longer listed in heartbeats */
+    unlock(c);
     if (c->rejoin) return 0; /* the Hello asked for fresh credits */
     Twn__WorkRequest w = TWN__WORK_REQUEST__INIT;
     w.credits = 1;
@@ -452,10 +631,36 @@ int twn_role_finished(twn_role_conn *c, uint64_t lease, twn_err *err) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// The gate pass over one batch of read items
+// The unit leases a gate holds: each batch is filled across them (gate_leases)
 
-static int gate_batch(twn_role_conn *c, const twn_src_unit *u, twn_src_item *items, int n,
-                      twn_err *err) {
+enum { H_QUEUED, H_READING, H_READ, H_DONE };
+
+/* One held unit lease. */
+typedef struct held {
+    Twn__Envelope *own; /* its envelope, taken from the stash (NULL: twn_role_serve's) */
+    const Twn__UnitLease *l;
+    twn_src_unit u;      /* u.path owned */
+    twn_srcio_buf buf;   /* the unit's SourceRef strings: queued refs point here */
+    twn_srcio_reader *r; /* open while H_READING (one at a time) */
+    uint64_t next;       /* the first item not read yet */
+    int state;           /* H_QUEUED (not read yet) .. H_DONE (its Finished is sent) */
+    int pending;         /* its items in the batch being filled */
+    int abandoned;       /* overdue after a gate pass: given up once the pass is flushed */
+    int window;          /* its reader reads a prefetched window (counted while H_READING) */
+} held;
+
+/* The held leases in lease order (each allocated apart: queued refs point into them). */
+typedef struct gate_set {
+    held **v;
+    size_t n, cap;
+} gate_set;
+
+// ------------------------------------------------------------------------------------------------
+// The gate pass over one batch of read items (of one or more held leases: items[i] is of lease
+// gs->v[owner[i]])
+
+static int gate_batch(twn_role_conn *c, gate_set *gs, twn_src_item *items, const size_t *owner,
+                      int n, twn_err *err) {
     const twn_role_cfg *cfg = c->cfg;
     twn_item *in = twn_calloc((size_t)n + 1, sizeof *in);
     twn_result *res = twn_calloc((size_t)n + 1, sizeof *res);
@@ -500,6 +705,8 @@ static int gate_batch(twn_role_conn *c, const twn_src_unit *u, twn_src_item *ite
     }
     twn_histogram_observe(rm->gate, twn_now() - t_gate);
     twn_histogram_observe(rm->batch_gate, n);
+    twn_counter_inc(rm->gate_batches);
+    twn_counter_add(rm->gate_batch_items, (uint64_t)n);
     for (int i = 0; i < n && !rc; i++) {
         int rej = cfg->model && res[i].error;
         int hard = cfg->model ? res[i].hard : twn_null_hard(items[i].id);
@@ -507,14 +714,23 @@ static int gate_batch(twn_role_conn *c, const twn_src_unit *u, twn_src_item *ite
         if (!rej && isfinite(p)) twn_histogram_observe(rm->p_think, p);
         twn_counter_inc(rm->routed[rej ? 2 : hard ? 1 : 0]);
     }
-    if (!rc && twn_role_lease_overdue(c) > 0) c->abandoned = 1; /* results would be late */
-    for (int i = 0; i < n && !rc && !c->abandoned; i++) {
+    /* The results of a lease overdue now would be late: its items are left out, and it is given
+     * up once the others' outputs are flushed (gate_leases). */
+    for (size_t k = 0; k < gs->n && !rc; k++) {
+        held *h = gs->v[k];
+        if (h->pending && !h->abandoned && clock_overdue(c, h->l->lease_id) > 0) h->abandoned = 1;
+    }
+    twn_role_lease_alive(c); /* back from the engine (after the check above): the leases moved */
+    for (int i = 0; i < n && !rc; i++) {
+        held *h = gs->v[owner[i]];
+        if (h->abandoned) continue;
+        const twn_src_unit *u = &h->u;
         twn_src_item *it = &items[i];
         Twn__ItemRef r;
         Twn__SourceRef s;
         twn__item_ref__init(&r);
         twn__source_ref__init(&s);
-        if ((rc = twn_srcio_ref_to_proto(u, it, &r, &s, &c->srcbuf, err))) break;
+        if ((rc = twn_srcio_ref_to_proto(u, it, &r, &s, &h->buf, err))) break;
         if (!cfg->model) {
             if (twn_null_hard(it->id)) {
                 rc = twn_role_hard(c, &r, twn_null_p_think(it->id), err);
@@ -538,7 +754,7 @@ static int gate_batch(twn_role_conn *c, const twn_src_unit *u, twn_src_item *ite
         if (!rc && full(c)) rc = twn_role_flush(c, u->id, err);
     }
     /* Flush while the items' strings (ids, refs) and results' messages are still alive. */
-    if (!rc && !c->abandoned) rc = twn_role_flush(c, u->id, err);
+    if (!rc) rc = twn_role_flush(c, n ? gs->v[owner[0]]->u.id : 0, err);
     for (int i = 0; i < n; i++) {
         if (cfg->model) twn_result_free(&res[i]);
         twn_free(paths[i]);
@@ -574,6 +790,7 @@ int twn_role_abandon(twn_role_conn *c, const char *what, uint64_t id, uint64_t l
 static void beat_while_waiting(void *user) {
     twn_role_conn *c = user;
     twn_err e;
+    twn_role_lease_alive(c); /* waiting on a store, not hung: the leases move */
     if (twn_role_beat(c, &e)) twn_log(TWN_LOG_WARN, "%s: heartbeat: %s", c->cfg->id, e.msg);
 }
 
@@ -584,15 +801,12 @@ int twn_role_io(twn_role_conn *c, twn_err *err) {
     return 0;
 }
 
-static int abandon(twn_role_conn *c, uint64_t unit, uint64_t lease, twn_err *err) {
-    return twn_role_abandon(c, "unit", unit, lease, err);
-}
-
-/* Rejects items [from, first_index + count) of a unit that could not be read any further. */
-static int reject_rest(twn_role_conn *c, const twn_src_unit *u, uint64_t from, const char *why,
-                       twn_err *err) {
+/* Rejects items [from, first_index + count) of a held lease's unit that could not be read any
+ * further. */
+static int reject_rest(twn_role_conn *c, held *h, uint64_t from, const char *why, twn_err *err) {
+    const twn_src_unit *u = &h->u;
     Twn__SourceRef s = TWN__SOURCE_REF__INIT;
-    if (twn_srcio_unit_to_proto(u, &s, &c->srcbuf, err)) return -1;
+    if (twn_srcio_unit_to_proto(u, &s, &h->buf, err)) return -1;
     for (uint64_t i = from; i < u->first_index + u->count; i++) {
         Twn__ItemRef r = TWN__ITEM_REF__INIT;
         r.unit_id = u->id;
@@ -604,8 +818,8 @@ static int reject_rest(twn_role_conn *c, const twn_src_unit *u, uint64_t from, c
 }
 
 // ------------------------------------------------------------------------------------------------
-// Read-ahead (twn_role_cfg.prefetch): the units of the leases queued behind the current one are
-// fetched by the process's pool while this gate works
+// Read-ahead (twn_role_cfg.prefetch): the units of the leases queued behind the one being read
+// (held and not started, or still in the stash) are fetched by the process's pool meanwhile
 
 /* The fetch of lease `lease`'s unit, taken out of c->pf (NULL: none). */
 static twn_prefetch_job *pf_take(twn_role_conn *c, uint64_t lease) {
@@ -620,6 +834,23 @@ static twn_prefetch_job *pf_take(twn_role_conn *c, uint64_t lease) {
     return NULL;
 }
 
+static int pf_has(const twn_role_conn *c, uint64_t lease) {
+    for (size_t i = 0; i < c->n_pf; i++)
+        if (c->pf_lease[i] == lease) return 1;
+    return 0;
+}
+
+/* Starts fetching unit u of lease `lease` (not an S3 unit, or the pool's byte bound reached:
+ * nothing). */
+static void pf_start(twn_role_conn *c, uint64_t lease, const twn_src_unit *u) {
+    twn_prefetch_job *j = twn_prefetch_start(c->cfg->prefetch, u);
+    if (!j) return;
+    c->pf = twn_realloc(c->pf, (c->n_pf + 1) * sizeof *c->pf);
+    c->pf_lease = twn_realloc(c->pf_lease, (c->n_pf + 1) * sizeof *c->pf_lease);
+    c->pf[c->n_pf] = j;
+    c->pf_lease[c->n_pf++] = lease;
+}
+
 static int stashed_lease(const twn_role_conn *c, uint64_t lease) {
     for (size_t k = 0; k < c->n_stash; k++)
         if (c->stash[k]->body_case == TWN__ENVELOPE__BODY_UNIT_LEASE &&
@@ -628,10 +859,15 @@ static int stashed_lease(const twn_role_conn *c, uint64_t lease) {
     return 0;
 }
 
-/* Moves what waits on the DEALER (without waiting) to the stash, drops the fetches of leases no
- * longer queued, and starts fetching the units of the queued leases (at most credits). */
-static void prefetch_ahead(twn_role_conn *c) {
-    const twn_role_cfg *cfg = c->cfg;
+/* A lease waiting to be read: held and not started, or in the stash. */
+static int queued_lease(const twn_role_conn *c, const gate_set *gs, uint64_t lease) {
+    for (size_t i = 0; gs && i < gs->n; i++)
+        if (gs->v[i]->state == H_QUEUED && gs->v[i]->l->lease_id == lease) return 1;
+    return stashed_lease(c, lease);
+}
+
+/* Moves what waits on the DEALER (without waiting) to the stash. */
+static void drain(twn_role_conn *c) {
     lock(c);
     for (;;) {
         Twn__Envelope *m = NULL;
@@ -646,117 +882,278 @@ static void prefetch_ahead(twn_role_conn *c) {
         c->stash[c->n_stash++] = m;
     }
     unlock(c);
+}
+
+/* Drains the DEALER, drops the fetches of leases no longer queued, and starts fetching the units
+ * of the queued leases, held ones first (at most credits). */
+static void prefetch_ahead(twn_role_conn *c, const gate_set *gs) {
+    const twn_role_cfg *cfg = c->cfg;
+    drain(c);
     for (size_t i = 0; i < c->n_pf;) {
-        if (stashed_lease(c, c->pf_lease[i]))
+        if (queued_lease(c, gs, c->pf_lease[i]))
             i++;
         else
             twn_prefetch_drop(pf_take(c, c->pf_lease[i]));
     }
+    /* at most credits windows in all: the one being read counts (it is no longer in c->pf) */
     size_t most = cfg->credits ? cfg->credits : 1;
+    for (size_t k = 0; gs && k < gs->n; k++)
+        if (gs->v[k]->state == H_READING && gs->v[k]->window && most) most--;
+    for (size_t k = 0; gs && k < gs->n && c->n_pf < most; k++) {
+        const held *h = gs->v[k];
+        if (h->state == H_QUEUED && !pf_has(c, h->l->lease_id)) pf_start(c, h->l->lease_id, &h->u);
+    }
     for (size_t k = 0; k < c->n_stash && c->n_pf < most; k++) {
         const Twn__Envelope *m = c->stash[k];
         if (m->body_case != TWN__ENVELOPE__BODY_UNIT_LEASE) continue;
         const Twn__UnitLease *l = m->unit_lease;
-        int have = 0;
-        for (size_t i = 0; i < c->n_pf; i++) have |= c->pf_lease[i] == l->lease_id;
         twn_src_unit u;
         twn_err e;
-        if (have || twn_srcio_unit_from_proto(l->unit_id, l->source, &u, &e)) continue;
-        twn_prefetch_job *j = twn_prefetch_start(cfg->prefetch, &u);
+        if (pf_has(c, l->lease_id) || twn_srcio_unit_from_proto(l->unit_id, l->source, &u, &e))
+            continue;
+        pf_start(c, l->lease_id, &u);
         twn_free(u.path);
-        if (!j) continue; /* not an S3 unit, or the pool's byte bound is reached */
-        c->pf = twn_realloc(c->pf, (c->n_pf + 1) * sizeof *c->pf);
-        c->pf_lease = twn_realloc(c->pf_lease, (c->n_pf + 1) * sizeof *c->pf_lease);
-        c->pf[c->n_pf] = j;
-        c->pf_lease[c->n_pf++] = l->lease_id;
     }
 }
 
-static int gate_unit(twn_role_conn *c, const Twn__UnitLease *l, twn_err *err) {
-    const twn_role_cfg *cfg = c->cfg;
-    twn_src_unit u;
+// ------------------------------------------------------------------------------------------------
+// The gate loop over its held leases
+
+/* Ends held lease h: its reader closed, its clock gone, Finished (abandoned or not) +
+ * WorkRequest(1).  The other leases' buffered outputs stay. */
+static int lease_end(twn_role_conn *c, held *h, int abandoned, twn_err *err) {
+    twn_srcio_reader_close(h->r);
+    h->r = NULL;
+    twn_prefetch_drop(pf_take(c, h->l->lease_id));
+    h->state = H_DONE;
+    clock_remove(c, h->l->lease_id);
+    return send_finished(c, h->l->lease_id, abandoned, err);
+}
+
+/* Gives up an overdue held lease (twn_role_abandon for one of several). */
+static int give_up(twn_role_conn *c, held *h, twn_err *err) {
+    twn_log(TWN_LOG_WARN,
+            "%s: unit %llu: lease %llu is %.1f s past its deadline (or this process was declared "
+            "dead); its results are left to the next holder",
+            c->cfg->id, (unsigned long long)h->l->unit_id, (unsigned long long)h->l->lease_id,
+            clock_overdue(c, h->l->lease_id));
+    return lease_end(c, h, 1, err);
+}
+
+static void held_free(held *h) {
+    twn_srcio_reader_close(h->r);
+    twn_free(h->u.path);
+    twn_msg_free(h->own);
+    twn_free(h);
+}
+
+/* Holds lease l (own: its envelope, freed with it, or NULL).  One that waited in our queue past
+ * its deadline is given up at once. */
+static int take(twn_role_conn *c, gate_set *gs, Twn__Envelope *own, const Twn__UnitLease *l,
+                twn_err *err) {
+    held *h = twn_calloc(1, sizeof *h);
+    h->own = own;
+    h->l = l;
+    if (gs->n == gs->cap) {
+        gs->cap = gs->cap ? 2 * gs->cap : 8;
+        gs->v = twn_realloc(gs->v, gs->cap * sizeof *gs->v);
+    }
+    gs->v[gs->n++] = h;
+    clock_add(c, l);
+    if (clock_overdue(c, l->lease_id) > 0) return give_up(c, h, err);
     twn_err e;
-    c->active = l->unit_id;
-    twn_prefetch_job *pf = pf_take(c, l->lease_id);
-    if (cfg->prefetch) prefetch_ahead(c); /* the next units are fetched while this one is worked */
-    twn_role_lease_begin(c, l->deadline_unix_ms, l->lease_ms);
-    if (twn_role_lease_overdue(c) > 0) { /* it waited in our queue past its deadline */
-        twn_prefetch_drop(pf);
-        c->abandoned = 1;
-        return abandon(c, l->unit_id, l->lease_id, err);
+    if (twn_srcio_unit_from_proto(l->unit_id, l->source, &h->u, &e)) {
+        twn_log(TWN_LOG_WARN, "%s: unit %llu: %s", c->cfg->id, (unsigned long long)l->unit_id,
+                e.msg);
+        return lease_end(c, h, 0, err); /* the lease expires into dead letters */
     }
-    if (twn_srcio_unit_from_proto(l->unit_id, l->source, &u, &e)) {
-        twn_prefetch_drop(pf);
-        twn_log(TWN_LOG_WARN, "%s: unit %llu: %s", cfg->id, (unsigned long long)l->unit_id, e.msg);
-        return twn_role_finished(c, l->lease_id, err); /* the lease expires into dead letters */
+    h->next = h->u.first_index;
+    h->state = H_QUEUED;
+    return 0;
+}
+
+/* Holds the unit leases at the head of the stash, after draining the DEALER into it.  It stops at
+ * any other message (a Welcome, a Shutdown): twn_role_serve handles those, in order, once the
+ * held leases are done.  Leases that come while this role is joining again are left to
+ * twn_role_serve, which drops them. */
+static int take_queued(twn_role_conn *c, gate_set *gs, twn_err *err) {
+    const twn_role_cfg *cfg = c->cfg;
+    drain(c);
+    while (c->n_stash && !c->rejoin && !(cfg->stop && *cfg->stop) &&
+           c->stash[0]->body_case == TWN__ENVELOPE__BODY_UNIT_LEASE) {
+        Twn__Envelope *m = c->stash[0];
+        memmove(c->stash, c->stash + 1, --c->n_stash * sizeof *c->stash);
+        if (take(c, gs, m, m->unit_lease, err)) return -1;
     }
-    int rc = 0;
-    twn_srcio_reader *r = NULL;
-    twn_blob *pb = NULL; /* the prefetched window (NULL: read the ordinary way) */
+    if (cfg->prefetch) prefetch_ahead(c, gs);
+    return 0;
+}
+
+/* Opens held lease h's reader (through its prefetched window when the pool has one).  An unit
+ * that cannot be opened is rejected whole; a lease overdue by now is given up. */
+static int start(twn_role_conn *c, gate_set *gs, held *h, twn_err *err) {
+    const twn_role_cfg *cfg = c->cfg;
+    if (clock_overdue(c, h->l->lease_id) > 0) return give_up(c, h, err);
+    twn_err e;
+    twn_prefetch_job *pf = pf_take(c, h->l->lease_id);
+    /* no longer queued (else the read-ahead below fetches its unit again) */
+    h->state = H_READING;
+    h->window = pf != NULL;
+    if (cfg->prefetch)
+        prefetch_ahead(c, gs); /* the next units are fetched while this one is read */
+    twn_blob *pb = NULL;       /* the prefetched window (NULL: read the ordinary way) */
     if (!twn_role_io(c, &e) && pf) {
         twn_s3 *s3 = NULL; /* reads outside the window (a unit larger than the pool's room) */
         twn_err e2;
         if (twn_srcio_s3(c->io, &s3, &e2)) s3 = NULL;
-        while (!twn_prefetch_wait(pf, 0.01)) prefetch_ahead(c); /* leases that came meanwhile */
+        while (!twn_prefetch_wait(pf, 0.01)) prefetch_ahead(c, gs); /* leases that came meanwhile */
         pb = twn_prefetch_take(pf, s3);
         pf = NULL;
     }
+    h->window = pb != NULL;
     twn_prefetch_drop(pf);
-    if (!c->io || (pb ? twn_srcio_reader_open_blob(pb, &u, &cfg->src, &r, &e)
-                      : twn_srcio_reader_open(c->io, &u, &cfg->src, &r, &e))) {
-        rc = reject_rest(c, &u, u.first_index, e.msg, err);
-        goto done;
+    if (!c->io || (pb ? twn_srcio_reader_open_blob(pb, &h->u, &cfg->src, &h->r, &e)
+                      : twn_srcio_reader_open(c->io, &h->u, &cfg->src, &h->r, &e))) {
+        h->r = NULL;
+        h->state = H_READ;
+        return reject_rest(c, h, h->u.first_index, e.msg, err);
     }
+    h->state = H_READING;
+    return 0;
+}
+
+/* Reads the next item of held lease h (H_READING) into *it: 1 an item for the batch; 0 none (a
+ * bad one was rejected, or the unit is read to the end); -1 failure. */
+static int read_one(twn_role_conn *c, held *h, twn_src_item *it, twn_err *err) {
+    twn_err e;
+    int got = twn_srcio_reader_next(h->r, it, &e);
+    if (got != 1) {
+        twn_srcio_reader_close(h->r);
+        h->r = NULL;
+        h->state = H_READ;
+        return got < 0 ? reject_rest(c, h, h->next, e.msg, err) : 0;
+    }
+    h->next = it->index + 1;
+    if (!it->fault) return 1; /* its images by reference are fetched with the batch's */
+    Twn__ItemRef ir;
+    Twn__SourceRef is;
+    twn__item_ref__init(&ir);
+    twn__source_ref__init(&is);
+    int rc = twn_srcio_ref_to_proto(&h->u, it, &ir, &is, &h->buf, err);
+    int st = it->fault == TWN_SRC_TRUNCATED ? TWN__STAGE__STAGE_READ : TWN__STAGE__STAGE_PARSE;
+    if (!rc && (twn_role_reject(c, &ir, st, it->err.msg, err) || twn_role_flush(c, h->u.id, err)))
+        rc = -1;
+    twn_src_item_clear(it);
+    return rc;
+}
+
+/* Images by reference of the batch items[0..n): s3:// images fetched at once on the reader pool
+ * (twn_srcio_fetch_images_n), local paths checked.  An item with a dangling one is a dead letter
+ * (STAGE_READ, naming the image) and leaves the batch; *n is what is left. */
+static int batch_images(twn_role_conn *c, gate_set *gs, twn_src_item *items, size_t *owner, int *n,
+                        twn_err *err) {
+    twn_err *errs = twn_calloc((size_t)*n, sizeof *errs);
+    int rc = 0, m = 0;
+    size_t bad = twn_srcio_fetch_images_n(c->io, items, (size_t)*n, errs);
+    for (int i = 0; i < *n; i++) {
+        if (!bad || !errs[i].msg[0]) {
+            if (m < i) {
+                items[m] = items[i];
+                owner[m] = owner[i];
+                memset(&items[i], 0, sizeof items[i]);
+            }
+            m++;
+            continue;
+        }
+        held *h = gs->v[owner[i]];
+        Twn__ItemRef ir;
+        Twn__SourceRef is;
+        twn__item_ref__init(&ir);
+        twn__source_ref__init(&is);
+        if (!rc && (twn_srcio_ref_to_proto(&h->u, &items[i], &ir, &is, &h->buf, err) ||
+                    twn_role_reject(c, &ir, TWN__STAGE__STAGE_READ, errs[i].msg, err) ||
+                    twn_role_flush(c, h->u.id, err)))
+            rc = -1;
+        twn_src_item_clear(&items[i]);
+    }
+    twn_free(errs);
+    *n = m;
+    return rc;
+}
+
+/* The gate's lease handler: lease `first` and every lease queued behind it (taken from the stash
+ * as the held ones run out of items), batch after batch, until none is held. */
+static int gate_leases(twn_role_conn *c, const Twn__UnitLease *first, twn_err *err) {
+    const twn_role_cfg *cfg = c->cfg;
     int cap = cfg->batch > 0 ? cfg->batch : 32, n = 0;
     twn_src_item *items = twn_calloc((size_t)cap, sizeof *items);
+    size_t *owner = twn_calloc((size_t)cap, sizeof *owner);
+    gate_set gs = {0};
+    size_t cur = 0; /* gs.v[cur]: the lease being read (those before it are read to the end) */
+    int rc = take(c, &gs, NULL, first, err);
     double t_read = twn_now();
-    uint64_t next = u.first_index;
-    for (;;) {
-        int got = twn_srcio_reader_next(r, &items[n], &e);
-        if (got == 1) {
-            next = items[n].index + 1;
-            /* images by reference: s3:// fetched, local paths checked (dangling -> dead letter) */
-            int img_bad = !items[n].fault && twn_srcio_fetch_images(c->io, &items[n], &e);
-            if (items[n].fault || img_bad) {
-                Twn__ItemRef ir;
-                Twn__SourceRef is;
-                twn__item_ref__init(&ir);
-                twn__source_ref__init(&is);
-                if (twn_srcio_ref_to_proto(&u, &items[n], &ir, &is, &c->srcbuf, err)) {
-                    rc = -1;
-                    break;
+    while (!rc && gs.n && !(cfg->stop && *cfg->stop)) {
+        /* A batch from what is held now, in lease order: no waiting for leases to come. */
+        rc = take_queued(c, &gs, err);
+        while (!rc && n < cap) {
+            if (cur == gs.n && ((rc = take_queued(c, &gs, err)) || cur == gs.n)) break;
+            held *h = gs.v[cur];
+            if (h->state == H_QUEUED) {
+                rc = start(c, &gs, h, err);
+            } else if (h->state == H_READING) {
+                int got = read_one(c, h, &items[n], err);
+                if (got < 0) rc = -1;
+                if (got == 1) {
+                    owner[n++] = cur;
+                    h->pending++;
                 }
-                int st = items[n].fault == TWN_SRC_TRUNCATED || img_bad ? TWN__STAGE__STAGE_READ
-                                                                        : TWN__STAGE__STAGE_PARSE;
-                rc = twn_role_reject(c, &ir, st, img_bad ? e.msg : items[n].err.msg, err) ||
-                     twn_role_flush(c, u.id, err);
-                twn_src_item_clear(&items[n]);
-                if (rc) break;
-                continue;
+            } else {
+                /* read to the end: Finished now unless some of its items wait for the pass */
+                if (h->state == H_READ && !h->pending) rc = lease_end(c, h, 0, err);
+                cur++;
             }
-            if (++n < cap) continue;
         }
-        if (n) {
+        if (rc) break;
+        if (n) rc = batch_images(c, &gs, items, owner, &n, err);
+        if (!rc && n) {
             twn_histogram_observe(twn_role_metrics_get()->read, twn_now() - t_read);
-            rc = gate_batch(c, &u, items, n, err);
+            rc = gate_batch(c, &gs, items, owner, n, err);
+            for (int i = 0; i < n; i++) twn_src_item_clear(&items[i]);
+            n = 0;
         }
         t_read = twn_now();
-        for (int i = 0; i < n; i++) twn_src_item_clear(&items[i]);
-        n = 0;
-        if (rc || c->abandoned) break;
-        if (got == 0) break;
-        if (got < 0) {
-            rc = reject_rest(c, &u, next, e.msg, err);
-            break;
+        /* The pass is flushed: Finished for the leases it read to the end, and the overdue ones
+         * (results left out of the pass, or waiting behind it) given up. */
+        for (size_t k = 0; k < gs.n && !rc; k++) {
+            held *h = gs.v[k];
+            int had = h->pending;
+            h->pending = 0;
+            if (h->state == H_DONE) continue;
+            if (h->abandoned || clock_overdue(c, h->l->lease_id) > 0)
+                rc = give_up(c, h, err);
+            else if (h->state == H_READ && had)
+                rc = lease_end(c, h, 0, err);
         }
+        size_t m = 0;
+        for (size_t k = 0; k < gs.n; k++) {
+            if (gs.v[k]->state == H_DONE)
+                held_free(gs.v[k]);
+            else
+                gs.v[m++] = gs.v[k];
+        }
+        gs.n = m;
+        cur = 0; /* what is left: the lease being read, then those not started */
+        if (!rc && !gs.n) rc = take_queued(c, &gs, err);
     }
+    for (size_t k = 0; k < gs.n; k++) { /* a failure or a stop: the coordinator re-leases them */
+        if (gs.v[k]->state != H_DONE) clock_remove(c, gs.v[k]->l->lease_id);
+        twn_prefetch_drop(pf_take(c, gs.v[k]->l->lease_id)); /* its unit fetched ahead */
+        held_free(gs.v[k]);
+    }
+    twn_free(gs.v);
     for (int i = 0; i < cap; i++) twn_src_item_clear(&items[i]);
     twn_free(items);
-done:
-    twn_srcio_reader_close(r);
-    twn_free(u.path);
-    if (!rc && c->abandoned) return abandon(c, l->unit_id, l->lease_id, err);
-    if (!rc) rc = twn_role_finished(c, l->lease_id, err);
+    twn_free(owner);
     return rc;
 }
 
@@ -820,6 +1217,11 @@ int twn_role_serve(const twn_role_cfg *cfg, int role, int body_case, twn_role_ha
             twn_log(TWN_LOG_INFO, "%s: stopped: %s", cfg->id, err->msg);
             break;
         }
+        if (bad && c.shut) { /* Shutdown came while a shard was full (wait_shard) */
+            twn_log(TWN_LOG_INFO, "%s: stopped: %s", cfg->id, err->msg);
+            role_bye(&c, "shutdown");
+            break;
+        }
         if (bad) goto out;
         if (stop) {
             role_bye(&c, "shutdown");
@@ -833,7 +1235,7 @@ out:
 }
 
 static int gate_lease(twn_role_conn *c, const Twn__Envelope *m, twn_err *err) {
-    return gate_unit(c, m->unit_lease, err);
+    return gate_leases(c, m->unit_lease, err);
 }
 
 int twn_gate_run(const twn_role_cfg *cfg, twn_err *err) {

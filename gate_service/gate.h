@@ -6,7 +6,17 @@
  * records are rejected (STAGE_READ / STAGE_PARSE) and the rest go through twn_embed_items with
  * TWN_PASS_GATE in batches: easy items -> EmbeddingBatch to shard twn_hash64(id) mod S, hard ->
  * HardItems, failures -> Rejects (STAGE_GATE).  Then Finished + WorkRequest(1).  Heartbeats go out
- * between batches.  Returns on Shutdown. */
+ * between batches.  Returns on Shutdown.
+ *
+ * A batch is filled across every unit lease the gate holds (up to credits: the one being read and
+ * those queued behind it), in lease order: the tail of one unit and the heads of the next share a
+ * gate pass, so units smaller than a batch do not make part-empty passes.  Nothing waits for a
+ * lease to come: a batch is short only when the leases held have no more items.  The units are
+ * read one after another (one reader open at a time: a Kafka handle reads one unit at a time).
+ * Each lease has its own lease clock (twn_role_clock); its Finished goes out once its last item
+ * has been through a gate pass and that pass's outputs are flushed, and a lease overdue after a
+ * pass is given up (Finished{abandoned}) without touching the others in the same pass.  Size
+ * gate.credits >= gate.batch / job.unit_items + 1 to keep the passes full. */
 #ifndef TWN_GATE_SERVICE_GATE_H
 #define TWN_GATE_SERVICE_GATE_H
 
@@ -59,6 +69,20 @@ int twn_gate_run(const twn_role_cfg *cfg, twn_err *err);
 // ------------------------------------------------------------------------------------------------
 // Client plumbing shared with the reasoning worker (worker/ links this library)
 
+/* The lease clock of one of several leases held at once (the gate's; see
+ * twn_role_lease_overdue): the pulse moves `end` with each Heartbeat and lists `unit` in it. */
+typedef struct twn_role_clock {
+    uint64_t lease, unit;
+    double end; /* local estimate of the deadline; 0 = none */
+    double len; /* seconds each Heartbeat adds (lease_ms) */
+    /* Progress, listed with the lease in every Heartbeat (twn_role_lease_progress): 1 when the
+     * lease is taken off the socket, + work done since.  The coordinator ends a lease whose
+     * progress stands still for stall (stall_ms; 0: never), and so does the local estimate. */
+    uint64_t progress;
+    double moved; /* twn_now() when progress last changed */
+    double stall; /* seconds */
+} twn_role_clock;
+
 typedef struct twn_role_conn {
     const twn_role_cfg *cfg;
     void *dealer;
@@ -66,26 +90,40 @@ typedef struct twn_role_conn {
     uint32_t shards;
     int dim;
     twn_frame_opts fo;
+    twn_frame_opts fo_push; /* frames to the shards: compressed only if one is over tcp:// */
     twn_beat beat;
     uint64_t hb_seq, batch_seq;
     uint64_t active; /* the unit / batch being worked on (listed in heartbeats) */
-    int shut;        /* Shutdown came before the Welcome (twn_role_connect failed on purpose) */
+    /* The gate's held unit leases, in lease order (under mu): when there are any, Heartbeats list
+     * their units (instead of `active`) and move each one's clock. */
+    twn_role_clock *clocks;
+    size_t n_clocks, cap_clocks;
+    int shut; /* Shutdown came before the Welcome (twn_role_connect failed on purpose), or while
+                 a shard was full (twn_role_flush failed on purpose) */
     /* The lease clock (see twn_role_lease_overdue). */
     int role;
     uint32_t missed_beats; /* from the Welcome */
     double last_sent;      /* twn_now() of the last message to the coordinator */
     double lease_end;      /* local estimate of the current lease's deadline; 0 = none */
     double lease_len;      /* seconds each Heartbeat adds (lease_ms) */
-    int rejoin;            /* declared dead: Hello sent again; leases until Welcome are stale */
-    double last_hello;     /* twn_now() of the last Hello (answers to the coordinator's "say
-                              Hello" are paced by it) */
-    int abandoned;         /* the current lease was given up (overdue) */
-    uint64_t shard_waits;  /* 100 ms waits for a full shard queue (back-pressure seen) */
+    /* The current lease (twn_role_lease_begin; 0 = none) and its progress, as a clock's. */
+    uint64_t lease_id, lease_progress;
+    double lease_moved, lease_stall;
+    /* twn_now() of the last Heartbeat that listed a started lease whose progress moved within
+     * its stall time: the coordinator renewed the leases still queued for us then
+     * (coordinator/lease.h twn_leases_report). */
+    double last_renewing;
+    int rejoin;           /* declared dead: Hello sent again; leases until Welcome are stale */
+    double last_hello;    /* twn_now() of the last Hello (answers to the coordinator's "say
+                             Hello" are paced by it) */
+    int abandoned;        /* the current lease was given up (overdue) */
+    uint64_t shard_waits; /* 100 ms waits for a full shard queue (back-pressure seen) */
     /* The pulse: a thread that sends the Heartbeats while this role's thread is inside a long
      * engine call (a CoT batch on a CPU outlasts missed_beats intervals, and a silent peer is
      * declared dead and loses its leases).  Every use of the DEALER and of the lease clock goes
-     * through mu (recursive).  The price: a role stuck inside the engine keeps its leases; the
-     * job then waits for it instead of re-leasing the work. */
+     * through mu (recursive).  A role stuck inside the engine does not keep its leases for that:
+     * the pulse lists their progress, which only the working thread moves, and a lease that
+     * stands still for stall_ms ends (see twn_role_lease_begin). */
     pthread_mutex_t mu;
     int mu_init, pulse_on;
     volatile int pulse_stop;
@@ -102,7 +140,8 @@ typedef struct twn_role_conn {
     Twn__SourceRef *srcs;
     size_t n_refs;
     twn_srcio *io;        /* the stores, opened on first use */
-    twn_srcio_buf srcbuf; /* bucket / topic of the unit being read (its refs point here) */
+    twn_srcio_buf srcbuf; /* bucket / topic of the unit being read (its refs point here; the
+                             gate keeps one per held lease) */
     /* Read-ahead (cfg->prefetch): messages taken off the DEALER early to find the queued leases,
      * handled in order by twn_role_serve before it receives again; the fetches of those leases'
      * units, by lease id. */
@@ -121,7 +160,7 @@ int twn_role_io(twn_role_conn *c, twn_err *err);
 int twn_role_connect(twn_role_conn *c, const twn_role_cfg *cfg, int role, int dim, twn_err *err);
 void twn_role_close(twn_role_conn *c);
 int twn_role_send(twn_role_conn *c, Twn__Envelope *env, twn_err *err);
-/* A Heartbeat when one is due (listing c->active). */
+/* A Heartbeat when one is due (listing the held leases' units, else c->active). */
 int twn_role_beat(twn_role_conn *c, twn_err *err);
 /* Queues outputs; a full buffer is flushed first.  Strings / ref fields are copied shallowly:
  * they must stay valid until the next twn_role_flush. */
@@ -130,7 +169,8 @@ int twn_role_emb(twn_role_conn *c, uint64_t unit, uint64_t index, const char *id
 int twn_role_hard(twn_role_conn *c, const Twn__ItemRef *ref, float p_think, twn_err *err);
 int twn_role_reject(twn_role_conn *c, const Twn__ItemRef *ref, int stage, const char *reason,
                     twn_err *err);
-/* Sends the queued EmbeddingBatches (one per shard), HardItems and Rejects. */
+/* Sends the queued EmbeddingBatches (one per shard), HardItems (one per unit, in the order the
+ * units first appear; `unit` names the unit of a hard item without a ref) and Rejects. */
 int twn_role_flush(twn_role_conn *c, uint64_t unit, twn_err *err);
 /* Finished(lease) + WorkRequest(1). */
 int twn_role_finished(twn_role_conn *c, uint64_t lease, twn_err *err);
@@ -145,10 +185,24 @@ int twn_role_finished(twn_role_conn *c, uint64_t lease, twn_err *err);
  * although the index is idempotent, late vectors cost WAL bytes and fsyncs for nothing.  A role
  * that finds itself declared dead sends Hello again (a new worker id, fresh credits) and drops
  * leases that arrive before the new Welcome.  Cross-host clock skew shifts only the first
- * estimate (deadline_unix_ms); hosts are assumed NTP-synchronised well within lease_ms. */
-void twn_role_lease_begin(twn_role_conn *c, uint64_t deadline_unix_ms, uint32_t lease_ms);
+ * estimate (deadline_unix_ms); hosts are assumed NTP-synchronised well within lease_ms.
+ *
+ * Heartbeats renew per lease: each lists the leases taken off the socket with a progress
+ * counter, and a lease whose progress stands still for stall_ms ends at the coordinator even
+ * while the pulse beats (a hung engine call must not hold its work forever).  The local estimate
+ * follows: heartbeats stop moving a stalled lease's deadline, and a lease is overdue once its
+ * progress has stood still for stall_ms (+ the grace).  Leases still queued on the socket are
+ * renewed by heartbeats that list a moving lease (twn_role_conn.last_renewing). */
+void twn_role_lease_begin(twn_role_conn *c, uint64_t lease_id, uint64_t deadline_unix_ms,
+                          uint32_t lease_ms, uint32_t stall_ms);
 /* Seconds the current lease is overdue by the estimate above (> 0: give it up), else <= 0. */
 double twn_role_lease_overdue(const twn_role_conn *c);
+/* Work on lease `lease` (a clock's or the current one) moved by n (items read or computed). */
+void twn_role_lease_progress(twn_role_conn *c, uint64_t lease, uint64_t n);
+/* The role's working thread is alive and working (back from the engine, waiting on a store or a
+ * full shard): every lease it holds moves by one.  Only the working thread calls this, never
+ * the pulse: a hung working thread must look hung. */
+void twn_role_lease_alive(twn_role_conn *c);
 /* Gives the current lease up: logs what (e.g. "unit", id), drops the buffered outputs, and sends
  * Finished (abandoned: the coordinator re-leases the work at once) + WorkRequest. */
 int twn_role_abandon(twn_role_conn *c, const char *what, uint64_t id, uint64_t lease, twn_err *err);

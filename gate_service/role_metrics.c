@@ -30,6 +30,14 @@ static void init(void) {
     g_rm.routed[0] = twn_metrics_counter(m, "twn_gate_routed_total", rh, "route=easy", NULL);
     g_rm.routed[1] = twn_metrics_counter(m, "twn_gate_routed_total", rh, "route=hard", NULL);
     g_rm.routed[2] = twn_metrics_counter(m, "twn_gate_routed_total", rh, "route=rejected", NULL);
+    g_rm.gate_batches = twn_metrics_counter(
+        m, "twn_gate_batches_total",
+        "Gate passes (engine calls of the gate service; a pass is filled across the unit leases "
+        "the gate holds, up to gate.batch items).",
+        NULL, NULL);
+    g_rm.gate_batch_items = twn_metrics_counter(
+        m, "twn_gate_batch_items_total",
+        "Items in the gate passes: / twn_gate_batches_total = mean items per pass.", NULL, NULL);
 }
 
 const twn_role_metrics *twn_role_metrics_get(void) {

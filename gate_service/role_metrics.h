@@ -11,6 +11,9 @@ typedef struct twn_role_metrics {
     twn_histogram *read, *gate, *reason, *send; /* twn_stage_seconds{stage} */
     twn_histogram *p_think;                     /* twn_p_think */
     twn_counter *routed[3]; /* twn_gate_routed_total{route}: easy, hard, rejected */
+    /* Batch fill (items per pass / gate.batch): twn_gate_batches_total (gate passes) and
+     * twn_gate_batch_items_total (items in them) */
+    twn_counter *gate_batches, *gate_batch_items;
 } twn_role_metrics;
 
 /* Registered on first use. */

@@ -10,7 +10,10 @@
 
 #include "common/metrics.h"
 #include "common/transport.h"
+#include "index/committer.h"
 #include "index/faiss_c_shim.h"
+#include "index/ingest.h"
+#include "index/out_kafka.h"
 #include "index/shard.h"
 #include "util/clock.h"
 #include "util/log.h"
@@ -35,6 +38,8 @@ typedef struct ixr {
     void *dealer, *pull;
     twn_zap *zap; /* the context's ZAP handler while the PULL is CURVE (common/curve.h) */
     twn_shard *s;
+    twn_committer *c;   /* group commits on their own thread (committer.h) */
+    twn_out_kafka *out; /* the output topic (out_kafka.h), NULL: off */
     twn_frame_opts fo;
     pend *p;
     size_t n, cap;
@@ -107,18 +112,10 @@ static int on_batch(ixr *x, const Twn__EmbeddingBatch *b, twn_err *err) {
         return reject_batch(x, b, e.msg, err);
     }
     size_t n = b->n_items;
-    float *v = twn_malloc(n * (size_t)b->dim * sizeof *v + 1);
+    float *v = NULL;
     twn_index_item *it = twn_calloc(n + 1, sizeof *it);
     twn_shard_ack *acks = twn_calloc(n + 1, sizeof *acks);
-    int rc = twn_batch_get_vectors(b, v, &e);
-    for (size_t i = 0; i < n && !rc; i++) {
-        const Twn__EmbeddingItem *ei = b->items[i];
-        it[i].id = ei->id;
-        it[i].vec = v + i * b->dim;
-        it[i].route = ei->route == TWN__ROUTE__ROUTE_HARD ? TWN_ROUTE_HARD : TWN_ROUTE_EASY;
-        it[i].p_think = ei->p_think;
-        it[i].think_tokens = ei->think_tokens;
-    }
+    int rc = twn_indexer_batch_items(b, it, &v, &e);
     if (!rc) rc = twn_shard_add(x->s, it, n, acks, &e);
     if (rc) {
         rc = reject_batch(x, b, e.msg, err);
@@ -135,6 +132,7 @@ static int on_batch(ixr *x, const Twn__EmbeddingBatch *b, twn_err *err) {
         }
         twn_counter_add(x->m_added, n);
         twn_gauge_set(x->m_pending, (double)x->n);
+        if (x->c) twn_committer_kick(x->c);
     }
     twn_free(v);
     twn_free(it);
@@ -142,13 +140,10 @@ static int on_batch(ixr *x, const Twn__EmbeddingBatch *b, twn_err *err) {
     return rc;
 }
 
-/* Commits and acks everything durable, merging consecutive easy items of a unit into ranges. */
-static int commit_ack(ixr *x, twn_err *err) {
+/* Acks every pending item whose seq <= durable (on stable storage), merging consecutive easy
+ * items of a unit into ranges. */
+static int ack_upto(ixr *x, uint64_t durable, twn_err *err) {
     if (!x->n) return 0;
-    uint64_t durable = 0;
-    double t_commit = twn_now();
-    if (twn_shard_commit(x->s, &durable, err)) return -1;
-    twn_histogram_observe(x->m_fsync, twn_now() - t_commit);
     Twn__AckRange *r = twn_calloc(x->n, sizeof *r);
     Twn__AckRange **rp = twn_calloc(x->n, sizeof *rp);
     size_t nr = 0, keep = 0;
@@ -192,6 +187,24 @@ static int commit_ack(ixr *x, twn_err *err) {
     return rc;
 }
 
+/* Acks what the committer thread has made durable since the last call. */
+static int ack_durable(ixr *x, twn_err *err) {
+    uint64_t durable = 0;
+    int done = twn_committer_poll(x->c, &durable, err);
+    if (done < 0) return twn_err_wrap(err, "%s", x->cfg->id);
+    return done ? ack_upto(x, durable, err) : 0;
+}
+
+/* The final commit, on this thread (the committer is stopped), and its acks. */
+static int commit_ack(ixr *x, twn_err *err) {
+    if (!x->n) return 0;
+    uint64_t durable = 0;
+    double t_commit = twn_now();
+    if (twn_shard_commit(x->s, &durable, err)) return -1;
+    twn_histogram_observe(x->m_fsync, twn_now() - t_commit);
+    return ack_upto(x, durable, err);
+}
+
 static void ixr_metrics(ixr *x) {
     twn_metrics *m = twn_metrics_default();
     char l[32];
@@ -211,7 +224,7 @@ int twn_indexer_run(const twn_indexer_cfg *cfg, twn_err *err) {
     ixr x = {0};
     x.cfg = cfg;
     ixr_metrics(&x);
-    x.fo = twn_frame_opts_default();
+    x.fo = twn_frame_opts_for(cfg->control);
     if (cfg->max_message_bytes) x.fo.max_size = cfg->max_message_bytes;
     int rc = -1;
     twn_shard_opts so = {0};
@@ -221,8 +234,27 @@ int twn_indexer_run(const twn_indexer_cfg *cfg, twn_err *err) {
     so.model_hash = cfg->model_hash;
     so.shard = cfg->shard;
     so.n_shards = cfg->n_shards;
+    so.wal_defer_writes = 1; /* the committer thread writes */
+    if (cfg->out_topic && *cfg->out_topic) {
+        /* Before the shard: its WAL replay produces the replayed records again. */
+        twn_out_kafka_cfg oc = {.brokers = cfg->out_brokers,
+                                .topic = cfg->out_topic,
+                                .props = cfg->out_props,
+                                .model = cfg->model,
+                                .model_hash = cfg->model_hash,
+                                .shard = cfg->shard,
+                                .dim = cfg->dim,
+                                .stop = cfg->stop};
+        if (twn_out_kafka_open(&oc, &x.out, err)) return twn_err_wrap(err, "%s", cfg->id);
+        so.on_durable = twn_out_kafka_on_durable;
+        so.on_durable_ctx = x.out;
+    }
     if (cfg->faiss_threads > 0) twn_faiss_thread_threads(cfg->faiss_threads);
-    if (twn_shard_open(cfg->dir, &so, &x.s, NULL, err)) return -1;
+    if (twn_shard_open(cfg->dir, &so, &x.s, NULL, err)) {
+        twn_out_kafka_close(x.out);
+        return -1;
+    }
+    if (twn_committer_start(x.s, cfg->commit_ms, x.m_fsync, &x.c, err)) goto out;
     twn_sock_opts o = twn_sock_opts_default();
     o.linger_ms = 0;
     o.max_msg_bytes = twn_wire_limit(&x.fo);
@@ -253,7 +285,7 @@ int twn_indexer_run(const twn_indexer_cfg *cfg, twn_err *err) {
     twn_beat beat;
     twn_beat_init(&beat, 1.0, twn_now());
     uint64_t hb_seq = 0;
-    double last_commit = twn_now(), t_hello = last_commit, last_hello = last_commit;
+    double t_hello = twn_now(), last_hello = t_hello;
     int welcomed = 0;
     for (;;) {
         if (cfg->stop && *cfg->stop) {
@@ -272,9 +304,10 @@ int twn_indexer_run(const twn_indexer_cfg *cfg, twn_err *err) {
                         cfg->id, cfg->control, cfg->connect_timeout_s * 1000.0);
             goto out;
         }
-        zmq_pollitem_t pi[2] = {{x.pull, 0, ZMQ_POLLIN, 0}, {x.dealer, 0, ZMQ_POLLIN, 0}};
-        int timeout = x.n ? 1 : 20;
-        if (zmq_poll(pi, 2, timeout) < 0) {
+        zmq_pollitem_t pi[3] = {{x.pull, 0, ZMQ_POLLIN, 0},
+                                {x.dealer, 0, ZMQ_POLLIN, 0},
+                                {NULL, twn_committer_fd(x.c), ZMQ_POLLIN, 0}};
+        if (zmq_poll(pi, 3, 20) < 0) {
             twn_err_set(err, "%s: zmq_poll: %s", cfg->id, zmq_strerror(zmq_errno()));
             goto out;
         }
@@ -287,13 +320,11 @@ int twn_indexer_run(const twn_indexer_cfg *cfg, twn_err *err) {
             int bad = m->body_case == TWN__ENVELOPE__BODY_EMBEDDING_BATCH &&
                       on_batch(&x, m->embedding_batch, err);
             twn_msg_free(m);
-            if (bad) goto out;
+            /* Acks go out as soon as their commit is done, also in the middle of a burst. */
+            if (bad || ack_durable(&x, err)) goto out;
         }
+        if (ack_durable(&x, err)) goto out;
         double now = twn_now();
-        if (x.n && (now - last_commit) * 1000.0 >= cfg->commit_ms) {
-            if (commit_ack(&x, err)) goto out;
-            last_commit = now;
-        }
         if (twn_beat_due(&beat, now)) {
             Twn__Heartbeat hb = TWN__HEARTBEAT__INIT;
             hb.seq = ++hb_seq;
@@ -330,7 +361,21 @@ int twn_indexer_run(const twn_indexer_cfg *cfg, twn_err *err) {
         twn_msg_free(m);
         if (stop) break;
     }
+    /* The last commit on this thread: the committer must be stopped before the snapshot. */
+    if (twn_committer_stop(x.c, err)) {
+        x.c = NULL;
+        twn_err_wrap(err, "%s", cfg->id);
+        goto out;
+    }
+    x.c = NULL;
     if (commit_ack(&x, err)) goto out;
+    if (x.out) {
+        /* Every durable record delivered before the snapshot trims the WAL (after it they are
+         * never replayed, so never produced again).  Failures are logged and counted, and do not
+         * hold the job: librdkafka already retried them for message.timeout.ms. */
+        twn_err e2;
+        if (twn_out_kafka_flush(x.out, -1, &e2)) twn_log(TWN_LOG_ERROR, "%s: %s", cfg->id, e2.msg);
+    }
     if (twn_shard_finish(x.s, NULL, err)) goto out;
     {
         /* Answer the Shutdown once the snapshot is durable, so the coordinator's end (it waits
@@ -355,10 +400,12 @@ int twn_indexer_run(const twn_indexer_cfg *cfg, twn_err *err) {
     }
     rc = 0;
 out:
+    if (x.c) twn_committer_stop(x.c, NULL);
     if (x.s) {
         twn_err e2;
         twn_shard_close(x.s, rc ? &e2 : err);
     }
+    twn_out_kafka_close(x.out); /* after the shard: its close commits (and produces) the rest */
     if (x.pull) twn_sock_close(x.pull);
     twn_zap_release(x.zap); /* after the PULL: no handshake may find the handler gone */
     if (x.dealer) twn_sock_close(x.dealer);

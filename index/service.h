@@ -1,9 +1,10 @@
 /* service.h — the indexer role: one shard's PULL socket in, durable acks out (DESIGN.md §3).
  *
- * EmbeddingBatch -> twn_shard_add; every commit_ms a group commit (twn_shard_commit) and an Ack
- * of the items whose seq <= the durable seq, as ranges (unit, first_index, count, route, think
- * tokens).  A batch the shard refuses is rejected (STAGE_INDEX) item by item.  On Shutdown:
- * twn_shard_finish (train, snapshot) and return. */
+ * EmbeddingBatch -> twn_shard_add; every commit_ms a group commit (twn_shard_commit, on the
+ * committer thread of committer.h, so receiving and adding go on during the fsync) and an Ack of
+ * the items whose seq <= the durable seq, as ranges (unit, first_index, count, route, think
+ * tokens).  A batch the shard refuses is rejected (STAGE_INDEX) item by item.  On Shutdown: the
+ * committer stops, a last commit and its acks, twn_shard_finish (train, snapshot) and return. */
 #ifndef TWN_INDEX_SERVICE_H
 #define TWN_INDEX_SERVICE_H
 
@@ -38,6 +39,11 @@ typedef struct twn_indexer_cfg {
     const twn_curve_cfg *curve;
     /* frame / ZeroMQ message limit (limits.max_message_bytes); 0 = 64 MiB (transport.h) */
     size_t max_message_bytes;
+    /* The output topic (index/out_kafka.h): every vector made durable is produced to
+     * out_topic (NULL or "": off) on out_brokers, with out_props ("name=value", NULL-terminated,
+     * may be NULL: kafka.properties).  Flushed before the snapshot at Shutdown. */
+    const char *out_topic, *out_brokers;
+    const char *const *out_props;
 } twn_indexer_cfg;
 
 void twn_indexer_cfg_default(twn_indexer_cfg *c);

@@ -499,7 +499,10 @@ int twn_shard_open(const char *dir, const twn_shard_opts *o, twn_shard **out,
                            .block_bytes = o->wal_block_bytes,
                            .zstd_level = o->wal_zstd_level,
                            .after_seq = s->snap_seq,
-                           .repair = o->wal_repair};
+                           .repair = o->wal_repair,
+                           .defer_writes = o->wal_defer_writes,
+                           .on_durable = o->on_durable,
+                           .on_durable_ctx = o->on_durable_ctx};
         rc = twn_wal_open(wdir, &wo, replay_one, s, &s->wal, &info->wal, err);
         if (!rc) rc = replay_flush(s, err);
         if (rc) twn_err_wrap(err, "shard %s", dir);

@@ -54,6 +54,12 @@ typedef struct {
     uint32_t wal_block_bytes;
     int wal_zstd_level;
     int wal_repair;
+    int wal_defer_writes; /* appends do no I/O, commits write (wal.h; for index/committer.h) */
+    /* Told of every record once durable, replayed ones included (twn_wal_opts.on_durable, e.g.
+     * index/out_kafka.h).  Whatever it hands on must be flushed before a snapshot, which trims
+     * the WAL: the records before it are never replayed again. */
+    twn_wal_durable_fn on_durable;
+    void *on_durable_ctx;
 } twn_shard_opts;
 
 typedef struct {

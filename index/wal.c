@@ -4,7 +4,10 @@
  * appends); `io_mu` guards the segment file and is held across write + fsync.  A commit takes
  * io_mu, swaps the pending buffer out under mu, and then writes and fsyncs without mu, so
  * producers keep appending into a fresh buffer while the disk works: that is the group commit.
- * Lock order is always io_mu before mu. */
+ * Lock order is always io_mu before mu.  With defer_writes an append never takes io_mu (until
+ * TWN_WAL_DEFER_MAX is pending), so a committer thread holding it across the fsync never stalls
+ * the appender.  With on_durable, written buffers are kept (ub) until a commit's fsync covers
+ * them, then read back record by record for the hook and recycled. */
 #include "index/wal.h"
 
 #include <dirent.h>
@@ -335,6 +338,7 @@ struct twn_wal {
     uint64_t pend_first; /* seq of the first pending record */
     uint32_t pend_count;
     uint64_t next_seq;
+    size_t pend_max; /* pending bytes that make an append write (block_bytes, or deferred) */
     int failed;
     char fail_msg[TWN_ERR_MAX];
 
@@ -351,6 +355,15 @@ struct twn_wal {
     unsigned char *zbuf;
     size_t zcap;
     uint32_t raw_streak; /* blocks left to store raw after one that zstd could not shrink */
+    /* on_durable: buffers written but not yet fsynced, told once a commit has synced them */
+    struct unsynced_buf {
+        unsigned char *buf;
+        size_t n, cap;
+        uint64_t first;
+        uint32_t count;
+    } *ub;
+    size_t nub, ubcap;
+    float *dvec; /* a durable record's vector, aligned */
     twn_wal_stats st;
 
     uint64_t durable; /* atomic */
@@ -523,15 +536,40 @@ static int flush_pending(twn_wal *w, twn_err *err) {
     }
     unsigned char *buf = w->pend;
     size_t n = w->pend_n, cap = w->pend_cap;
-    uint64_t first = w->pend_first;
-    uint32_t count = w->pend_count;
+    uint64_t first = w->pend_first, first0 = first;
+    uint32_t count = w->pend_count, count0 = count;
     w->pend = NULL;
     w->pend_n = w->pend_cap = 0;
     w->pend_count = 0;
     w->pend_first = w->next_seq;
     pthread_mutex_unlock(&w->mu);
     int rc = 0;
-    if (count) rc = write_block(w, buf, n, first, count, err);
+    /* Blocks of about block_bytes (each closed by the record that reaches it, the rule an
+     * inline-writing append follows): a deferred commit may have gathered many of them. */
+    size_t start = 0, pos = 0, rec = TWN_WAL_REC_HEADER + 4 * (size_t)w->o.dim;
+    uint32_t k = 0;
+    while (!rc && pos < n) {
+        pos += rec + ((size_t)buf[pos + 2] | (size_t)buf[pos + 3] << 8); /* + the id */
+        k++;
+        if (pos - start >= w->o.block_bytes || pos >= n) {
+            rc = write_block(w, buf + start, pos - start, first, k, err);
+            first += k;
+            count -= k;
+            start = pos;
+            k = 0;
+        }
+    }
+    if (!rc && count)
+        rc = twn_err_set(err, "WAL %s: %u pending records not accounted for in %zu bytes", w->dir,
+                         count, n);
+    if (!rc && w->o.on_durable && n) { /* kept until a commit's fsync covers it */
+        if (w->nub == w->ubcap) {
+            w->ubcap = w->ubcap ? 2 * w->ubcap : 8;
+            w->ub = twn_realloc(w->ub, w->ubcap * sizeof *w->ub);
+        }
+        w->ub[w->nub++] = (struct unsynced_buf){buf, n, cap, first0, count0};
+        return 0;
+    }
     pthread_mutex_lock(&w->mu);
     if (!w->spare && buf) {
         w->spare = buf;
@@ -587,7 +625,7 @@ int twn_wal_append_valid(twn_wal *w, int64_t faiss_id, const twn_index_item *it,
     if (w->pend_count++ == 0) w->pend_first = w->next_seq;
     uint64_t s = w->next_seq++;
     w->st.appended++;
-    int full = w->pend_n >= w->o.block_bytes;
+    int full = w->pend_n >= w->pend_max;
     pthread_mutex_unlock(&w->mu);
     if (seq) *seq = s;
     if (full) {
@@ -599,6 +637,39 @@ int twn_wal_append_valid(twn_wal *w, int64_t faiss_id, const twn_index_item *it,
     return 0;
 }
 
+/* Tells on_durable about every record of the buffers the last fsync covered, then recycles
+ * them; io_mu held. */
+static void tell_durable(twn_wal *w) {
+    for (size_t b = 0; b < w->nub; b++) {
+        struct unsynced_buf *u = &w->ub[b];
+        size_t pos = 0;
+        for (uint32_t i = 0; i < u->count && pos < u->n; i++) {
+            const unsigned char *h = u->buf + pos;
+            size_t id_len = (size_t)h[2] | (size_t)h[3] << 8;
+            twn_wal_rec r = {.seq = u->first + i, .faiss_id = (int64_t)rd64(h + 16)};
+            r.item.id = (const char *)h + TWN_WAL_REC_HEADER;
+            r.item.id_len = id_len;
+            r.item.route = h[1];
+            r.item.think_tokens = rd32(h + 4);
+            uint32_t pt = rd32(h + 8);
+            memcpy(&r.item.p_think, &pt, 4);
+            memcpy(w->dvec, h + TWN_WAL_REC_HEADER + id_len, 4 * (size_t)w->o.dim); /* unaligned */
+            r.item.vec = w->dvec;
+            w->o.on_durable(w->o.on_durable_ctx, &r);
+            pos += TWN_WAL_REC_HEADER + id_len + 4 * (size_t)w->o.dim;
+        }
+        pthread_mutex_lock(&w->mu);
+        if (!w->spare) {
+            w->spare = u->buf;
+            w->spare_cap = u->cap;
+            u->buf = NULL;
+        }
+        pthread_mutex_unlock(&w->mu);
+        twn_free(u->buf);
+    }
+    w->nub = 0;
+}
+
 int twn_wal_commit(twn_wal *w, uint64_t *durable, twn_err *err) {
     pthread_mutex_lock(&w->io_mu);
     int rc = flush_pending(w, err);
@@ -606,6 +677,7 @@ int twn_wal_commit(twn_wal *w, uint64_t *durable, twn_err *err) {
     if (!rc) {
         w->st.commits++;
         __atomic_store_n(&w->durable, w->written_seq, __ATOMIC_RELEASE);
+        if (w->nub) tell_durable(w);
     }
     pthread_mutex_unlock(&w->io_mu);
     if (durable) *durable = twn_wal_durable_seq(w);
@@ -672,6 +744,9 @@ static void wal_free(twn_wal *w) {
     pthread_mutex_destroy(&w->mu);
     pthread_mutex_destroy(&w->io_mu);
     twn_free(w->zbuf);
+    for (size_t b = 0; b < w->nub; b++) twn_free(w->ub[b].buf);
+    twn_free(w->ub);
+    twn_free(w->dvec);
     twn_free(w->pend);
     twn_free(w->spare);
     twn_free(w->segs);
@@ -697,13 +772,26 @@ typedef struct {
     void *ctx;
     uint64_t after;
     uint64_t replayed;
+    const twn_wal_opts *o; /* on_durable */
 } replay_ctx;
 
 static int replay_filter(void *ctx, const twn_wal_rec *r, twn_err *err) {
     replay_ctx *c = ctx;
     if (r->seq <= c->after) return 0;
     c->replayed++;
-    return c->fn ? c->fn(c->ctx, r, err) : 0;
+    if (c->fn && c->fn(c->ctx, r, err)) return -1;
+    if (c->o->on_durable) c->o->on_durable(c->o->on_durable_ctx, r);
+    return 0;
+}
+
+/* What survived a crash may sit only in the page cache: on_durable hears of replayed records,
+ * so their segment is made durable before it is read. */
+static int fsync_file(const char *path, twn_err *err) {
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return twn_err_errno(err, "cannot open WAL segment %s", path);
+    int rc = fsync(fd);
+    close(fd);
+    return rc ? twn_err_errno(err, "cannot fsync WAL segment %s", path) : 0;
 }
 
 static int cmp_u64(const void *a, const void *b) {
@@ -777,7 +865,7 @@ static int drop_segments(twn_wal *w, size_t from, uint64_t *dropped, twn_err *er
 static int recover(twn_wal *w, twn_wal_apply_fn fn, void *ctx, twn_wal_replay_info *info,
                    twn_err *err) {
     if (list_segments(w, err)) return -1;
-    replay_ctx rc = {fn, ctx, w->o.after_seq, 0};
+    replay_ctx rc = {fn, ctx, w->o.after_seq, 0, &w->o};
     uint64_t expect = 0;    /* next seq the following segment must start with */
     uint64_t log_first = 0; /* first seq of the oldest segment */
     size_t i;
@@ -785,7 +873,8 @@ static int recover(twn_wal *w, twn_wal_apply_fn fn, void *ctx, twn_wal_replay_in
         char *path = seg_path(w, w->segs[i]);
         char *data = NULL;
         size_t n = 0;
-        if (twn_read_file(path, SIZE_MAX / 2, &data, &n, err)) {
+        if ((w->o.on_durable && fsync_file(path, err)) ||
+            twn_read_file(path, SIZE_MAX / 2, &data, &n, err)) {
             twn_free(path);
             return -1;
         }
@@ -924,10 +1013,16 @@ int twn_wal_open(const char *dir, const twn_wal_opts *opts, twn_wal_apply_fn fn,
     /* One record must always fit in a block: the writer flushes once a block passes block_bytes,
        so a block holds at most block_bytes + one record. */
     if (!w->o.zstd_level) w->o.zstd_level = 1;
+    w->pend_max = w->o.block_bytes;
+    if (w->o.defer_writes)
+        w->pend_max = 2 * (size_t)w->o.block_bytes > TWN_WAL_DEFER_MAX
+                          ? 2 * (size_t)w->o.block_bytes
+                          : TWN_WAL_DEFER_MAX;
     w->fd = -1;
     pthread_mutex_init(&w->mu, NULL);
     pthread_mutex_init(&w->io_mu, NULL);
     w->cctx = ZSTD_createCCtx();
+    if (w->o.on_durable) w->dvec = twn_malloc(4 * (size_t)w->o.dim);
     if (recover(w, fn, ctx, info, err)) {
         wal_free(w);
         return -1;

@@ -30,7 +30,8 @@
  * the damage on.
  *
  * Thread safety: append, commit, rotate, trim and the getters may be called from any threads.
- * Commit holds only the I/O lock while it writes and fsyncs, so appends continue meanwhile. */
+ * Commit holds only the I/O lock while it writes and fsyncs, so appends continue meanwhile (with
+ * opts.defer_writes they never wait for the disk: index/committer.h). */
 #ifndef TWN_INDEX_WAL_H
 #define TWN_INDEX_WAL_H
 
@@ -47,8 +48,13 @@
 #define TWN_WAL_HEADER        32
 #define TWN_WAL_BLOCK_HEADER  32
 #define TWN_WAL_REC_HEADER    24
+#define TWN_WAL_DEFER_MAX     (32u << 20) /* pending bytes that make a deferred append write */
 
 typedef struct twn_wal twn_wal;
+
+struct twn_wal_rec;
+/* Told about each record once it is durable (twn_wal_opts.on_durable). */
+typedef void (*twn_wal_durable_fn)(void *ctx, const struct twn_wal_rec *rec);
 
 typedef struct {
     uint32_t dim;           /* vector length; every segment and record must match */
@@ -58,10 +64,22 @@ typedef struct {
     uint64_t after_seq;     /* replay only seq > after_seq (what a snapshot already holds); the
                                next append gets at least after_seq + 1 */
     int repair;             /* drop mid-log damage (and everything after it) instead of failing */
+    /* Appends do no I/O: every write happens in twn_wal_commit, which cuts what is pending into
+     * blocks of about block_bytes (for a writer thread that commits while others append).  An
+     * append writes inline only once TWN_WAL_DEFER_MAX (or 2 x block_bytes) is pending, which
+     * bounds the buffer when commits fall behind. */
+    int defer_writes;
+    /* Called for every record once it is on stable storage, in seq order: by twn_wal_commit
+     * (and close) after the fsync that made it durable, before returning, on the committing
+     * thread with the I/O lock held (so it may wait: appends go on); and by twn_wal_open for each
+     * replayed record (seq > after_seq), each segment being fsynced before it is read.  NULL:
+     * none. */
+    twn_wal_durable_fn on_durable;
+    void *on_durable_ctx;
 } twn_wal_opts;
 
-/* One replayed record; pointers are valid only during the callback. */
-typedef struct {
+/* One replayed (or durable) record; pointers are valid only during the callback. */
+typedef struct twn_wal_rec {
     uint64_t seq;
     int64_t faiss_id;
     twn_index_item item;

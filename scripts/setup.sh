@@ -13,7 +13,7 @@ PKGS=(
   libopenblas-dev libopenblas-openmp-dev libjansson-dev libpcre2-dev libutf8proc-dev libzip-dev libcmocka-dev libssl-dev
   libzmq3-dev libprotobuf-c-dev protobuf-c-compiler librdkafka-dev libfaiss-dev libzstd-dev
   libcurl4-openssl-dev libturbojpeg0-dev libpng-dev libwebp-dev libexif-dev libxml2-dev libyaml-dev
-  libmicrohttpd-dev chromium
+  libmicrohttpd-dev libsimdjson-dev chromium
   nodejs npm python3 python3-pil python3-numpy python3-fonttools python3-yaml fonts-noto-color-emoji
   prometheus
 )

@@ -9,19 +9,18 @@
 #include "util/log.h"
 #include "util/mem.h"
 
-/* Reads the item `r` names from its store (a ranged read of its bytes, or its Kafka message) and
- * makes its images readable; 0 with *it filled (check it->fault), -1 with msg. */
+/* Reads the item `r` names from its store (a ranged read of its bytes, or its Kafka message); 0
+ * with *it filled (check it->fault), -1 with msg.  Its images are fetched with the batch's. */
 static int read_item(twn_role_conn *c, const Twn__ItemRef *r, twn_src_item *it, twn_err *e) {
     if (twn_role_io(c, e)) return -1;
-    if (twn_srcio_read_ref(c->io, r, &c->cfg->src, it, e)) return -1;
-    return it->fault ? 0 : twn_srcio_fetch_images(c->io, it, e);
+    return twn_srcio_read_ref(c->io, r, &c->cfg->src, it, e);
 }
 
 static int reason_lease(twn_role_conn *c, const Twn__ReasonLease *l, twn_err *err) {
     const twn_role_cfg *cfg = c->cfg;
     size_t n = l->n_items;
     c->active = l->lease_id;
-    twn_role_lease_begin(c, l->deadline_unix_ms, l->lease_ms);
+    twn_role_lease_begin(c, l->lease_id, l->deadline_unix_ms, l->lease_ms, l->stall_ms);
     if (twn_role_lease_overdue(c) > 0) /* it waited in our queue past its deadline */
         return twn_role_abandon(c, "reasoning batch", l->batch_id, l->lease_id, err);
     twn_src_item *items = twn_calloc(n + 1, sizeof *items);
@@ -44,13 +43,29 @@ static int reason_lease(twn_role_conn *c, const Twn__ReasonLease *l, twn_err *er
             rc = -1;
             break;
         }
-        if (!r || read_item(c, r, &items[i], &e) || items[i].fault) {
+        int bad = !r || read_item(c, r, &items[i], &e) || items[i].fault;
+        twn_role_lease_alive(c); /* an item read: the lease moves (heartbeats list progress) */
+        if (bad) {
             why[i] = twn_strdup(!r               ? "hard item without a ref"
                                 : items[i].fault ? items[i].err.msg
                                                  : e.msg);
             continue;
         }
         ok[i] = 1;
+    }
+    if (!rc && c->io) { /* images by reference: the batch's s3:// images fetched at once */
+        twn_err *errs = twn_calloc(n + 1, sizeof *errs);
+        if (twn_srcio_fetch_images_n(c->io, items, n, errs))
+            for (size_t i = 0; i < n; i++)
+                if (ok[i] && errs[i].msg[0]) {
+                    ok[i] = 0;
+                    why[i] = twn_strdup(errs[i].msg);
+                }
+        twn_free(errs);
+        twn_role_lease_alive(c); /* the images are in: the lease moves */
+    }
+    for (size_t i = 0; i < n && !rc; i++) {
+        if (!ok[i]) continue;
         twn_src_item *it = &items[i];
         twn_item *x = &in[m];
         map[m++] = i;
@@ -88,6 +103,7 @@ static int reason_lease(twn_role_conn *c, const Twn__ReasonLease *l, twn_err *er
         twn_histogram_observe(rm->batch_worker, m);
     }
     int late = !rc && twn_role_lease_overdue(c) > 0; /* CoT took past the lease: results are late */
+    if (!late) twn_role_lease_alive(c); /* back from the engine (after the check above) */
     for (int j = 0; j < m && !rc && !late; j++) {
         size_t i = map[j];
         const Twn__ItemRef *r = l->items[i]->ref;

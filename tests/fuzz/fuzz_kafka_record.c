@@ -2,7 +2,7 @@
  *
  * The first byte picks the format (bit 0: JSON or packed twn.Item) and whether the message has a
  * key (bit 1); the rest is the value.  A record either becomes a well-formed item (an id of
- * 1..max_id_bytes bytes, UTF-8 text, every image a path or non-empty bytes within the inline
+ * 1..max_id_bytes bytes, UTF-8 id and text, every image a path or non-empty bytes within the inline
  * limit) or says why, naming the topic, partition and offset.  Seeds: good and bad JSON records
  * of test_kafka.c and packed Items. */
 #include <stdint.h>
@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "common/kafka.h"
+#include "common/source_internal.h"
 
 #define PREFIX "kafka fuzz[1]@7: "
 
@@ -27,6 +28,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                              512, &it);
     if (rc == 0) {
         if (it.fault || !it.id || !it.id[0] || strlen(it.id) > o.max_id_bytes) abort();
+        /* every string is UTF-8 text */
+        const char *texts[] = {it.id, it.text, it.instruction, it.key};
+        for (size_t i = 0; i < 4; i++)
+            if (texts[i] &&
+                twn_src_utf8_invalid_at((const uint8_t *)texts[i], strlen(texts[i])) >= 0)
+                abort();
         if (!it.n_images && (!it.text || !it.text[0])) abort();
         for (size_t i = 0; i < it.n_images; i++) {
             const twn_src_image *im = &it.images[i];

@@ -16,11 +16,12 @@
 // XAmzContentSHA256Mismatch, with S3's XML error body.  Every response carries x-amz-request-id.
 //
 // Test control (unsigned, loopback only; the paths start with /__twn/):
-//   POST /__twn/fault  {"kind": "500"|"503"|"reset"|"truncate"|"slow", "count": N,
+//   POST /__twn/fault  {"kind": "500"|"503"|"403"|"reset"|"truncate"|"slow", "count": N,
 //                       "match": "substring of the path" (optional), "method": "GET" (optional),
 //                       "retry_after": "1" (503), "delay_ms": 3000 (slow)}
 //                      queues a rule; each matching request uses up one of its count.
 //                      500/503: an S3 error response (503 with Retry-After when given);
+//                      403: AccessDenied, as S3 answers for a bucket of another account;
 //                      reset: the connection is destroyed before any response byte;
 //                      truncate: the headers and half the body, then the connection is destroyed;
 //                      slow: the headers, then delay_ms of silence, then the body.
@@ -201,7 +202,7 @@ function admin(req, res, body) {
   if (req.url === '/__twn/fault' && req.method === 'POST') {
     try {
       const f = JSON.parse(body.toString() || '{}');
-      if (!['500', '503', 'reset', 'truncate', 'slow'].includes(String(f.kind)))
+      if (!['500', '503', '403', 'reset', 'truncate', 'slow'].includes(String(f.kind)))
         return reply({ error: `unknown fault kind '${f.kind}'` }, 400);
       faults.push({ kind: String(f.kind), count: f.count ?? 1, match: f.match || '',
                     method: f.method || '', retry_after: f.retry_after ? String(f.retry_after) : '',
@@ -291,6 +292,8 @@ const front = http.createServer((req, res) => {
         return void (entry.status = s3Error(res, 500, 'InternalError',
                                             'We encountered an internal error. Please try again.',
                                             requestId));
+      if (fault.kind === '403')
+        return void (entry.status = s3Error(res, 403, 'AccessDenied', 'Access Denied', requestId));
       if (fault.kind === '503')
         return void (entry.status = s3Error(res, 503, 'SlowDown', 'Please reduce your request rate.',
                                             requestId, {}, fault.retry_after));

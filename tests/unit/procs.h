@@ -37,6 +37,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -44,6 +45,7 @@
 #include "tests/testutil.h"
 #include "tests/unit/shard_out.h"
 #include "util/mem.h"
+#include "util/vec.h"
 
 // ------------------------------------------------------------------------------------------------
 // Processes
@@ -260,6 +262,149 @@ static inline int tp_free_port(void) {
     assert_int_equal(getsockname(s, (struct sockaddr *)&a, &len), 0);
     close(s);
     return ntohs(a.sin_port);
+}
+
+// ------------------------------------------------------------------------------------------------
+// A fleet's endpoints, its coordinator's progress and summary, seeded random points
+
+/* The job's control endpoint and n shard endpoints (cap bytes each): fresh loopback ports
+ * (tcp 1), or ipc:// sockets DIR/ctl and DIR/shard-S (tcp 0). */
+static inline void tp_endpoints(const char *dir, int tcp, char *control, char *eps, size_t cap,
+                                int n) {
+    if (tcp) {
+        snprintf(control, cap, "tcp://127.0.0.1:%d", tp_free_port());
+        for (int s = 0; s < n; s++)
+            snprintf(eps + (size_t)s * cap, cap, "tcp://127.0.0.1:%d", tp_free_port());
+    } else {
+        snprintf(control, cap, "ipc://%s/ctl", dir);
+        for (int s = 0; s < n; s++)
+            snprintf(eps + (size_t)s * cap, cap, "ipc://%s/shard-%d", dir, s);
+    }
+}
+
+/* Writes DIR/job.yaml: `yaml` (the config up to and with indexer's "  endpoints:\n") and a
+ * "    - EP" line for each of the n shard endpoints (cap bytes apart); its path (static). */
+static inline const char *tp_job_yaml(const char *dir, const char *yaml, const char *eps,
+                                      size_t cap, int n) {
+    static char path[1200];
+    twn_str y = {0};
+    twn_str_puts(&y, yaml);
+    for (int s = 0; s < n; s++) twn_str_printf(&y, "    - %s\n", eps + (size_t)s * cap);
+    snprintf(path, sizeof path, "%s/job.yaml", dir);
+    tu_write(path, y.v, y.n);
+    twn_str_free(&y);
+    return path;
+}
+
+/* GET http://127.0.0.1:port/metrics (2 s receive timeout): the value of the sample line
+ * starting with `name ` (a metric name with its labels), or -1 when the server does not answer
+ * (not up yet, or gone) or has no such line. */
+static inline double tp_metric(int port, const char *name) {
+    int s = socket(AF_INET, SOCK_STREAM, 0);
+    if (s < 0) return -1;
+    struct timeval tv = {2, 0};
+    setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    struct sockaddr_in a;
+    memset(&a, 0, sizeof a);
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    a.sin_port = htons((uint16_t)port);
+    double v = -1;
+    static char buf[1 << 18];
+    size_t n = 0;
+    const char *req = "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
+    if (connect(s, (struct sockaddr *)&a, sizeof a) || write(s, req, strlen(req)) < 0) goto out;
+    for (ssize_t got; n < sizeof buf - 1 && (got = read(s, buf + n, sizeof buf - 1 - n)) > 0;)
+        n += (size_t)got;
+    buf[n] = 0;
+    char key[256];
+    snprintf(key, sizeof key, "\n%s ", name);
+    const char *p = strstr(buf, key);
+    if (p) v = strtod(p + strlen(key), NULL);
+out:
+    close(s);
+    return v;
+}
+
+/* A process's VmRSS and VmHWM in KiB, from /proc/PID/status (-1 each when it is gone). */
+static inline void tp_proc_mem(pid_t pid, long *rss_kib, long *hwm_kib) {
+    char path[64], line[256];
+    *rss_kib = *hwm_kib = -1;
+    snprintf(path, sizeof path, "/proc/%d/status", (int)pid);
+    FILE *f = fopen(path, "r");
+    if (!f) return;
+    while (fgets(line, sizeof line, f)) {
+        if (!strncmp(line, "VmRSS:", 6)) *rss_kib = strtol(line + 6, NULL, 10);
+        if (!strncmp(line, "VmHWM:", 6)) *hwm_kib = strtol(line + 6, NULL, 10);
+    }
+    fclose(f);
+}
+
+/* The coordinator's /metrics sample of units done. */
+#define TP_UNITS_DONE "twn_job_units{state=\"done\"}"
+
+/* Spawns `twn coordinator --config cfg` as `name`, its /metrics on a fresh loopback *port. */
+static inline tp_proc *tp_spawn_coordinator(const char *name, const char *dir, const char *cfg,
+                                            int *port) {
+    char listen[64];
+    *port = tp_free_port();
+    snprintf(listen, sizeof listen, "127.0.0.1:%d", *port);
+    return tp_spawn(name, dir, TWN_BIN, "coordinator", "--config", cfg, "--metrics.listen", listen,
+                    NULL);
+}
+
+/* Polls (every 3 ms) the /metrics sample `name` on port until it is >= at_least: 0; -1 when p
+ * ended or timeout_s passed first.  *last: the last value read (-1: none). */
+static inline int tp_wait_metric(tp_proc *p, int port, const char *name, double at_least,
+                                 double timeout_s, double *last) {
+    double end = tp_now() + timeout_s;
+    *last = -1;
+    while (tp_now() < end) {
+        if (tp_poll(p)) return -1;
+        if ((*last = tp_metric(port, name)) >= at_least) return 0;
+        tp_sleep_ms(3);
+    }
+    return -1;
+}
+
+/* A coordinator's summary line ("units U items I easy E hard H rejected R"). */
+typedef struct tp_summary {
+    unsigned long long units, items, easy, hard, rejected;
+} tp_summary;
+
+/* The summary line in p's log; fails the test (with `what` and tp_report) when there is none. */
+static inline tp_summary tp_summary_of(tp_proc *p, const char *what) {
+    tp_summary s = {0};
+    char *log = tp_log(p);
+    const char *line = strstr(log, "units ");
+    if (!line) fail_msg("no summary line in %s:%s", what, tp_report());
+    assert_int_equal(sscanf(line, "units %llu items %llu easy %llu hard %llu rejected %llu",
+                            &s.units, &s.items, &s.easy, &s.hard, &s.rejected),
+                     5);
+    free(log);
+    return s;
+}
+
+/* Seeded random points (splitmix64): tp_test_seed() is $TWN_TEST_SEED, else time ^ pid; a test
+ * sets tp_rng from it (and prints it, so a failure can be replayed). */
+static uint64_t tp_rng;
+
+static inline uint32_t tp_test_seed(void) {
+    const char *s = getenv("TWN_TEST_SEED");
+    return s && *s ? (uint32_t)strtoul(s, NULL, 0)
+                   : (uint32_t)(time(NULL) ^ ((uint32_t)getpid() << 16));
+}
+
+static inline uint32_t tp_rnd(void) {
+    uint64_t z = (tp_rng += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return (uint32_t)((z ^ (z >> 31)) >> 32);
+}
+
+/* Uniform in [lo, hi). */
+static inline double tp_rnd_uniform(double lo, double hi) {
+    return lo + (hi - lo) * (double)tp_rnd() / 4294967296.0;
 }
 
 #endif

@@ -65,6 +65,17 @@ static inline json_t *tp_jsonl_read(const char *path) {
     return arr;
 }
 
+/* The directory of a shard's current snapshot: shard_dir/<the name in shard_dir/CURRENT>. */
+static inline void tp_snapshot_dir(const char *shard_dir, char *out, size_t cap) {
+    char cur[4200];
+    snprintf(cur, sizeof cur, "%s/CURRENT", shard_dir);
+    size_t n;
+    char *name = tu_read(cur, &n);
+    name[strcspn(name, "\r\n ")] = 0;
+    snprintf(out, cap, "%s/%s", shard_dir, name);
+    free(name);
+}
+
 /* Every shard's current output, merged: `items` maps id -> its items.jsonl object plus "row"
  * (its row in `all`) and "shard".  Reading fails the test when an id is in the index twice. */
 typedef struct tp_shards {
@@ -118,6 +129,40 @@ static inline void tp_shards_free(tp_shards *s) {
     json_decref(s->items);
     twn_free(s->all.v);
     memset(s, 0, sizeof *s);
+}
+
+/* The shards' current snapshots hold exactly the ids that are keys of `want` (a JSON object),
+ * each once: fails the test naming an id indexed twice, one never sent or one missing. */
+static inline void tp_index_exact(const char *out, int n_shards, json_t *want) {
+    tp_shards s = tp_shards_read(out, n_shards); /* fails on an id seen twice */
+    const char *id;
+    json_t *v;
+    json_object_foreach(s.items, id, v) {
+        if (!json_object_get(want, id)) fail_msg("id %s is in the index but was never sent", id);
+    }
+    json_object_foreach(want, id, v) {
+        if (!json_object_get(s.items, id)) fail_msg("%s is missing from the index", id);
+    }
+    assert_int_equal(json_object_size(s.items), json_object_size(want));
+    tp_shards_free(&s);
+}
+
+/* The dead letters in a dead_letter.jsonl by the item they name: "PATH#INDEX" (ref.path,
+ * ref.index) -> how many lines name it; json_decref it. */
+static inline json_t *tp_dead_letter_refs(const char *path) {
+    json_t *lines = tp_jsonl_read(path), *refs = json_object(), *l;
+    size_t i;
+    json_array_foreach(lines, i, l) {
+        json_t *ref = json_object_get(l, "ref");
+        const char *p = json_string_value(json_object_get(ref, "path"));
+        char key[4400];
+        snprintf(key, sizeof key, "%s#%.0f", p ? p : "(none)",
+                 json_number_value(json_object_get(ref, "index")));
+        json_int_t seen = json_integer_value(json_object_get(refs, key));
+        json_object_set_new(refs, key, json_integer(seen + 1));
+    }
+    json_decref(lines);
+    return refs;
 }
 
 /* An integer field that may have been read as a real (u64 ids above INT64_MAX, see

@@ -23,17 +23,14 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <unistd.h>
-#include <zmq.h>
 
-#include "coordinator/service.h"
-#include "gate_service/gate.h"
-#include "index/service.h"
 #include "tests/testutil.h"
+#include "tests/unit/corpus.h"
+#include "tests/unit/pipeline_harness.h"
+#include "tests/unit/shard_out.h"
 #include "util/clock.h"
 #include "util/mem.h"
-#include "worker/worker.h"
 
 enum { N_ITEMS = 20000, DIM = 1024, SHARDS = 4, GATES = 2, WORKERS = 1 };
 
@@ -60,29 +57,6 @@ static long rss_kb(void) {
     return kb;
 }
 
-typedef struct job {
-    int kind; /* 0 coordinator, 1 indexer, 2 gate, 3 worker */
-    twn_coord_cfg cc;
-    twn_coord_summary sum;
-    twn_indexer_cfg ic;
-    twn_role_cfg rc;
-    int status;
-    twn_err err;
-} job;
-
-static void *job_main(void *arg) {
-    job *j = arg;
-    if (j->kind == 0)
-        j->status = twn_coord_run(&j->cc, &j->sum, &j->err);
-    else if (j->kind == 1)
-        j->status = twn_indexer_run(&j->ic, &j->err);
-    else if (j->kind == 2)
-        j->status = twn_gate_run(&j->rc, &j->err);
-    else
-        j->status = twn_worker_run(&j->rc, &j->err);
-    return NULL;
-}
-
 typedef struct sampler {
     volatile int stop;
     long peak_kb;
@@ -106,65 +80,15 @@ typedef struct run_result {
 
 /* One job over `in` into `out`, all roles as threads.  stall_ms / delay_ms: indexer hooks. */
 static run_result run_job(const char *in, const char *out, double stall_ms, double delay_ms) {
-    static volatile int stop;
-    stop = 0;
-    mkdir(out, 0755);
-    void *zctx = zmq_ctx_new();
-    enum { N_JOBS = 1 + SHARDS + GATES + WORKERS };
-    job *jobs = twn_calloc(N_JOBS, sizeof *jobs);
-    pthread_t th[N_JOBS];
-    char eps[SHARDS][64], dirs[SHARDS][1200], ids[N_JOBS][32], journal[1200], dead[1200];
-    const char *eptr[SHARDS];
-    snprintf(journal, sizeof journal, "%s/journal", out);
-    snprintf(dead, sizeof dead, "%s/dead_letter.jsonl", out);
-    const char *control = "inproc://bp-control";
-    twn_coord_cfg *cc = &jobs[0].cc;
-    twn_coord_cfg_default(cc);
-    cc->zctx = zctx;
-    cc->endpoint = control;
-    cc->inputs = &in;
-    cc->n_inputs = 1;
-    cc->unit_items = 1000;
-    cc->journal_path = journal;
-    cc->dead_letter_path = dead;
-    cc->model_hash = "null";
-    cc->shards = SHARDS;
-    cc->shard_endpoints = eptr;
-    cc->stop = &stop;
-    cc->expect_peers = SHARDS + GATES + WORKERS;
+    const char *inputs[1] = {in};
+    ph_pipeline *p = ph_pipeline_new("backpressure", out, inputs, 1, SHARDS, GATES, WORKERS, DIM);
+    ph_coord(p)->unit_items = 1000;
+    ph_coord(p)->expect_peers = SHARDS + GATES + WORKERS;
     for (int s = 0; s < SHARDS; s++) {
-        job *j = &jobs[1 + s];
-        snprintf(eps[s], sizeof eps[s], "inproc://bp-shard-%d", s);
-        eptr[s] = eps[s];
-        snprintf(dirs[s], sizeof dirs[s], "%s/shard-%05d", out, s);
-        snprintf(ids[1 + s], sizeof ids[0], "indexer-%d", s);
-        j->kind = 1;
-        twn_indexer_cfg_default(&j->ic);
-        j->ic.zctx = zctx;
-        j->ic.control = control;
-        j->ic.id = ids[1 + s];
-        j->ic.endpoint = eps[s];
-        j->ic.dir = dirs[s];
-        j->ic.shard = s;
-        j->ic.n_shards = SHARDS;
-        j->ic.dim = DIM;
-        j->ic.model = "null";
-        j->ic.model_hash = "null";
-        j->ic.test_stall_ms = stall_ms;
-        j->ic.test_batch_delay_ms = delay_ms;
-        j->ic.stop = &stop;
+        ph_indexer(p, s)->test_stall_ms = stall_ms;
+        ph_indexer(p, s)->test_batch_delay_ms = delay_ms;
     }
-    for (int g = 0; g < GATES + WORKERS; g++) {
-        job *j = &jobs[1 + SHARDS + g];
-        snprintf(ids[1 + SHARDS + g], sizeof ids[0], g < GATES ? "gate-%d" : "worker-%d", g);
-        j->kind = g < GATES ? 2 : 3;
-        twn_role_cfg_default(&j->rc);
-        j->rc.zctx = zctx;
-        j->rc.control = control;
-        j->rc.id = ids[1 + SHARDS + g];
-        j->rc.null_dim = DIM;
-        j->rc.stop = &stop;
-    }
+    p->drain_s = 120; /* the indexers write 20 MB snapshots after the coordinator */
     run_result r = {0};
     sampler smp = {0};
     pthread_t st;
@@ -172,28 +96,22 @@ static run_result run_job(const char *in, const char *out, double stall_ms, doub
     smp.peak_kb = r.rss0_kb;
     pthread_create(&st, NULL, sample_main, &smp);
     double t0 = twn_now();
-    for (int i = 1; i <= SHARDS; i++) pthread_create(&th[i], NULL, job_main, &jobs[i]);
-    pthread_create(&th[0], NULL, job_main, &jobs[0]);
-    for (int i = 1 + SHARDS; i < N_JOBS; i++) pthread_create(&th[i], NULL, job_main, &jobs[i]);
+    ph_pipeline_start(p);
     if (stall_ms > 0) {
         /* Near the end of the stall: the producers have long been done or blocked. */
         usleep((useconds_t)(stall_ms * 0.8 * 1000));
         r.rss_stall_kb = rss_kb();
     }
-    pthread_join(th[0], NULL);
-    if (jobs[0].status) stop = 1;
-    for (int i = 1; i <= SHARDS; i++) pthread_join(th[i], NULL);
-    stop = 1;
-    for (int i = 1 + SHARDS; i < N_JOBS; i++) pthread_join(th[i], NULL);
+    ph_pipeline_wait(p);
     r.seconds = twn_now() - t0;
     smp.stop = 1;
     pthread_join(st, NULL);
     r.peak_kb = smp.peak_kb;
-    for (int i = 0; i < N_JOBS; i++)
-        if (jobs[i].status) fail_msg("role %d: %s", i, jobs[i].err.msg);
-    r.sum = jobs[0].sum;
-    zmq_ctx_term(zctx);
-    twn_free(jobs);
+    ph_pipeline_check(p);
+    for (size_t i = 0; i < p->n; i++)
+        if (p->roles[i].status) fail_msg("role %zu: %s", i, p->roles[i].err.msg);
+    r.sum = *ph_summary(p);
+    ph_pipeline_free(p);
     return r;
 }
 
@@ -204,20 +122,18 @@ static char *snapshot_bytes(const char *out, size_t *total) {
     char *all = NULL;
     *total = 0;
     for (int s = 0; s < SHARDS; s++) {
-        char p[1400];
+        char p[1600], shard[1200], snap[1400];
         size_t n;
-        snprintf(p, sizeof p, "%s/shard-%05d/CURRENT", out, s);
-        char *name = tu_read(p, &n);
-        while (n && (name[n - 1] == '\n' || name[n - 1] == ' ')) name[--n] = 0;
+        snprintf(shard, sizeof shard, "%s/shard-%05d", out, s);
+        tp_snapshot_dir(shard, snap, sizeof snap);
         for (size_t f = 0; f < 4; f++) {
-            snprintf(p, sizeof p, "%s/shard-%05d/%s/%s", out, s, name, files[f]);
+            snprintf(p, sizeof p, "%s/%s", snap, files[f]);
             char *b = tu_read(p, &n);
             all = twn_realloc(all, *total + n + 1);
             memcpy(all + *total, b, n);
             *total += n;
             free(b);
         }
-        free(name);
     }
     return all;
 }
@@ -227,13 +143,11 @@ static void check_exactly_once(const char *out) {
     unsigned char *seen = twn_calloc(N_ITEMS, 1);
     size_t rows = 0;
     for (int s = 0; s < SHARDS; s++) {
-        char p[1400];
+        char p[1600], shard[1200], snap[1400];
         size_t n;
-        snprintf(p, sizeof p, "%s/shard-%05d/CURRENT", out, s);
-        char *name = tu_read(p, &n);
-        while (n && (name[n - 1] == '\n' || name[n - 1] == ' ')) name[--n] = 0;
-        snprintf(p, sizeof p, "%s/shard-%05d/%s/items.jsonl", out, s, name);
-        free(name);
+        snprintf(shard, sizeof shard, "%s/shard-%05d", out, s);
+        tp_snapshot_dir(shard, snap, sizeof snap);
+        snprintf(p, sizeof p, "%s/items.jsonl", snap);
         char *b = tu_read(p, &n);
         for (char *l = strstr(b, "\"id\":"); l; l = strstr(l + 1, "\"id\":")) {
             int id = -1;
@@ -256,10 +170,7 @@ static void test_slow_indexer_memory_bounded(void **st) {
     snprintf(in, sizeof in, "%s/items.jsonl", dir);
     snprintf(out, sizeof out, "%s/slow", dir);
     snprintf(fast, sizeof fast, "%s/fast", dir);
-    FILE *f = fopen(in, "w");
-    for (int i = 0; i < N_ITEMS; i++)
-        fprintf(f, "{\"id\": \"n%05d\", \"text\": \"item %d\"}\n", i, i);
-    fclose(f);
+    tc_numbered_jsonl(in, N_ITEMS, 0);
     const double corpus_mb = (double)N_ITEMS * DIM * sizeof(float) / 1e6;
 
     /* The producers' rate, with shards that keep up. */
@@ -298,7 +209,7 @@ static void test_slow_indexer_memory_bounded(void **st) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_slow_indexer_memory_bounded),
+        cmocka_unit_test_teardown(test_slow_indexer_memory_bounded, ph_teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -15,17 +15,10 @@
 
 #include "coordinator/cstate.h"
 #include "tests/testutil.h"
+#include "tests/unit/corpus.h"
 #include "util/rng.h"
 
 static const twn_plan_fp FP = {"corpus/a.jsonl", 4, "sha256:abc"};
-
-static const char *jpath(const char *tag) {
-    static char buf[4][1024];
-    static int k;
-    char *p = buf[k++ % 4];
-    snprintf(p, 1024, "%s/journal", tu_tmpdir(tag));
-    return p;
-}
 
 /* Hook recorder. */
 typedef struct rec {
@@ -87,7 +80,7 @@ static void test_unit_key(void **state) {
 
 static void test_job_flow(void **state) {
     (void)state;
-    const char *path = jpath("cstate_flow");
+    const char *path = tc_tmp_path("cstate_flow", "journal");
     rec r = {0};
     twn_journal_info info;
     twn_cstate *c = open_cs(path, NULL, &r, &info);
@@ -176,7 +169,7 @@ static void test_job_flow(void **state) {
 
 static void test_restart_resumes(void **state) {
     (void)state;
-    const char *path = jpath("cstate_restart");
+    const char *path = tc_tmp_path("cstate_restart", "journal");
     rec r = {0};
     twn_cstate *c = open_cs(path, NULL, &r, NULL);
     twn_unit_spec u[2] = {{11, 5}, {22, 2}};
@@ -248,7 +241,7 @@ static twn_cstate_cfg short_cfg(void) {
 
 static void test_poison_unit_and_item(void **state) {
     (void)state;
-    const char *path = jpath("cstate_poison");
+    const char *path = tc_tmp_path("cstate_poison", "journal");
     rec r = {0};
     twn_cstate_cfg cfg = short_cfg();
     twn_cstate *c = open_cs(path, &cfg, &r, NULL);
@@ -310,7 +303,7 @@ static void test_released_leases(void **state) {
     (void)state;
     rec r = {0};
     twn_cstate_cfg cfg = short_cfg();
-    twn_cstate *c = open_cs(jpath("cstate_release"), &cfg, &r, NULL);
+    twn_cstate *c = open_cs(tc_tmp_path("cstate_release", "journal"), &cfg, &r, NULL);
     twn_unit_spec u[2] = {{1, 4}, {2, 2}};
     add(c, u, 2);
     twn_err err = {{0}};
@@ -366,7 +359,7 @@ static void test_released_leases(void **state) {
 /* Principle 2 under principle 3: the previous holder's late acks are accepted and count once. */
 static void test_late_acks(void **state) {
     (void)state;
-    const char *path = jpath("cstate_late");
+    const char *path = tc_tmp_path("cstate_late", "journal");
     rec r = {0};
     twn_cstate_cfg cfg = short_cfg();
     twn_cstate *c = open_cs(path, &cfg, &r, NULL);
@@ -398,7 +391,7 @@ static void test_late_acks(void **state) {
 
 static void test_worker_dead_and_backpressure(void **state) {
     (void)state;
-    const char *path = jpath("cstate_dead");
+    const char *path = tc_tmp_path("cstate_dead", "journal");
     rec r = {0};
     twn_cstate_cfg cfg = short_cfg();
     cfg.max_hard_queued = 2;
@@ -439,7 +432,7 @@ static void test_worker_dead_and_backpressure(void **state) {
 
 static void test_refused(void **state) {
     (void)state;
-    const char *path = jpath("cstate_refused");
+    const char *path = tc_tmp_path("cstate_refused", "journal");
     rec r = {0};
     twn_cstate *c = open_cs(path, NULL, &r, NULL);
     twn_unit_spec u[1] = {{0xabc, 4}};
@@ -494,7 +487,7 @@ static void test_refused(void **state) {
  * return the journal's error (nothing may be reported durable that is not). */
 static void test_journal_failure_stops(void **state) {
     (void)state;
-    const char *path = jpath("cstate_journal_failure");
+    const char *path = tc_tmp_path("cstate_journal_failure", "journal");
     rec r = {0};
     twn_cstate *c = open_cs(path, NULL, &r, NULL);
     twn_unit_spec u[2] = {{1, 1}, {2, 1}};
@@ -504,15 +497,9 @@ static void test_journal_failure_stops(void **state) {
     ok(twn_cstate_ack(c, 1, &zero, NULL, 1, TWN_ROUTE_EASY, &err), &err);
     struct stat st;
     assert_int_equal(stat(path, &st), 0);
-    struct rlimit old, lim;
-    assert_int_equal(getrlimit(RLIMIT_FSIZE, &old), 0);
-    lim = old;
-    lim.rlim_cur = (rlim_t)st.st_size + 10;
-    signal(SIGXFSZ, SIG_IGN);
-    assert_int_equal(setrlimit(RLIMIT_FSIZE, &lim), 0);
+    struct rlimit old = tc_fsize_limit((rlim_t)st.st_size + 10);
     int rc = twn_cstate_tick(c, 1.0, &err);
-    assert_int_equal(setrlimit(RLIMIT_FSIZE, &old), 0);
-    signal(SIGXFSZ, SIG_DFL);
+    tc_fsize_limit_end(old);
     char want[1200];
     snprintf(want, sizeof want, "cannot write journal %s: File too large", path);
     assert_int_equal(rc, -1);
@@ -814,7 +801,7 @@ static void run_seed(uint64_t seed, int *totals) {
     twn_rng_seed(&s->rng, seed);
     char tag[64];
     snprintf(tag, sizeof tag, "cstate_model_%llu", (unsigned long long)seed % 4);
-    s->path = jpath(tag);
+    s->path = tc_tmp_path(tag, "journal");
     twn_cstate_cfg_default(&s->cfg);
     twn_lease_cfg *lc[2] = {&s->cfg.unit_lease, &s->cfg.hard_lease};
     for (int k = 0; k < 2; k++) {

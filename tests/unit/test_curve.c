@@ -13,8 +13,6 @@
 #include <unistd.h>
 #include <zmq.h>
 
-#include <pthread.h>
-
 #include "common/curve.h"
 #include "common/metrics.h"
 #include "common/transport.h"
@@ -23,6 +21,8 @@
 #include "index/service.h"
 #include "worker/worker.h"
 #include "tests/testutil.h"
+#include "tests/unit/pipeline_harness.h"
+#include "tests/unit/shard_out.h"
 #include "util/mem.h"
 
 #define Z TWN_CURVE_Z85_LEN + 1
@@ -655,35 +655,6 @@ static void free_endpoint(char *ep, size_t cap) {
     zmq_ctx_term(ctx);
 }
 
-typedef struct {
-    int kind; /* 0 coordinator, 1 indexer, 2 gate, 3 worker */
-    twn_coord_cfg cc;
-    twn_coord_summary sum;
-    twn_indexer_cfg ic;
-    twn_role_cfg rc;
-    int status;
-    twn_err err;
-} role_job;
-
-static void *role_main(void *arg) {
-    role_job *j = arg;
-    switch (j->kind) {
-    case 0:
-        j->status = twn_coord_run(&j->cc, &j->sum, &j->err);
-        break;
-    case 1:
-        j->status = twn_indexer_run(&j->ic, &j->err);
-        break;
-    case 2:
-        j->status = twn_gate_run(&j->rc, &j->err);
-        break;
-    default:
-        j->status = twn_worker_run(&j->rc, &j->err);
-        break;
-    }
-    return NULL;
-}
-
 static size_t count_lines(const char *path) {
     size_t n, lines = 0;
     char *b = tu_read(path, &n);
@@ -722,12 +693,12 @@ static void test_roles_over_curve(void **st) {
     const char *inputs[] = {in};
     const char *eps[] = {shard_ep};
 
-    role_job jobs[5];
+    ph_role jobs[5];
     memset(jobs, 0, sizeof jobs);
     void *ctx[5];
     for (int i = 0; i < 5; i++) ctx[i] = zmq_ctx_new();
-    role_job *c = &jobs[0], *ix = &jobs[1];
-    c->kind = 0;
+    ph_role *c = &jobs[0], *ix = &jobs[1];
+    c->kind = PH_COORDINATOR;
     twn_coord_cfg_default(&c->cc);
     c->cc.zctx = ctx[0];
     c->cc.endpoint = control;
@@ -740,7 +711,7 @@ static void test_roles_over_curve(void **st) {
     c->cc.shards = 1;
     c->cc.shard_endpoints = eps;
     c->cc.curve = &server;
-    ix->kind = 1;
+    ix->kind = PH_INDEXER;
     twn_indexer_cfg_default(&ix->ic);
     ix->ic.zctx = ctx[1];
     ix->ic.control = control;
@@ -756,8 +727,8 @@ static void test_roles_over_curve(void **st) {
     const twn_curve_cfg *keys[3] = {&gate, &worker, &intruder};
     const char *ids[3] = {"gate-0", "worker-0", "gate-intruder"};
     for (int k = 0; k < 3; k++) {
-        role_job *j = &jobs[2 + k];
-        j->kind = k == 1 ? 3 : 2;
+        ph_role *j = &jobs[2 + k];
+        j->kind = k == 1 ? PH_WORKER : PH_GATE;
         twn_role_cfg_default(&j->rc);
         j->rc.zctx = ctx[2 + k];
         j->rc.control = control;
@@ -768,14 +739,13 @@ static void test_roles_over_curve(void **st) {
     }
     jobs[4].rc.connect_timeout_s = 30; /* a bound only: the refusal ends it at once */
 
-    pthread_t th[5];
-    pthread_create(&th[1], NULL, role_main, &jobs[1]);
-    pthread_create(&th[0], NULL, role_main, &jobs[0]);
+    ph_role_start(&jobs[1]);
+    ph_role_start(&jobs[0]);
     /* The intruder first, while no gate can finish the job (and close the ROUTER) under it. */
-    pthread_create(&th[4], NULL, role_main, &jobs[4]);
-    pthread_join(th[4], NULL);
-    for (int i = 2; i < 4; i++) pthread_create(&th[i], NULL, role_main, &jobs[i]);
-    for (int i = 0; i < 4; i++) pthread_join(th[i], NULL);
+    ph_role_start(&jobs[4]);
+    ph_role_join(&jobs[4], 120);
+    for (int i = 2; i < 4; i++) ph_role_start(&jobs[i]);
+    for (int i = 0; i < 4; i++) ph_role_join(&jobs[i], 120);
     for (int i = 0; i < 4; i++)
         if (jobs[i].status) fail_msg("role %d: %s", i, jobs[i].err.msg);
     for (int i = 0; i < 5; i++) zmq_ctx_term(ctx[i]);
@@ -810,12 +780,9 @@ static void test_roles_over_curve(void **st) {
     free(dl);
 
     /* every good item is in the shard once */
-    char cur[1200], items[2400];
-    snprintf(cur, sizeof cur, "%s/CURRENT", shard_dir);
-    char *name = tu_read(cur, &n);
-    while (n && (name[n - 1] == '\n' || name[n - 1] == ' ')) name[--n] = 0;
-    snprintf(items, sizeof items, "%s/%s/items.jsonl", shard_dir, name);
-    free(name);
+    char snap[1200], items[1300];
+    tp_snapshot_dir(shard_dir, snap, sizeof snap);
+    snprintf(items, sizeof items, "%s/items.jsonl", snap);
     assert_int_equal(count_lines(items), 40);
 
     twn_curve_free(&server);

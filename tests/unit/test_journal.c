@@ -11,6 +11,7 @@
 
 #include "coordinator/journal.h"
 #include "tests/testutil.h"
+#include "tests/unit/corpus.h"
 #include "util/fileio.h"
 #include "util/mem.h"
 
@@ -20,14 +21,6 @@ static twn_journal_cfg cfg(void) {
     twn_journal_cfg c;
     twn_journal_cfg_default(&c);
     return c;
-}
-
-static const char *jpath(const char *tag) {
-    static char buf[4][1024];
-    static int k;
-    char *p = buf[k++ % 4];
-    snprintf(p, 1024, "%s/journal", tu_tmpdir(tag));
-    return p;
 }
 
 /* Replayed records, flattened into a string for exact comparison. */
@@ -107,7 +100,7 @@ static void close_ok(twn_journal *j) {
 
 static void test_round_trip(void **state) {
     (void)state;
-    const char *path = jpath("journal_round_trip");
+    const char *path = tc_tmp_path("journal_round_trip", "journal");
     twn_journal_info info;
     twn_journal *j = open_ok(path, NULL, &info);
     assert_int_equal(info.created, 1);
@@ -168,7 +161,7 @@ static void test_round_trip(void **state) {
 
 static void test_maybe_commit(void **state) {
     (void)state;
-    const char *path = jpath("journal_maybe_commit");
+    const char *path = tc_tmp_path("journal_maybe_commit", "journal");
     twn_journal *j;
     twn_err err = {{0}};
     twn_journal_cfg c = cfg();
@@ -204,7 +197,7 @@ static void test_maybe_commit(void **state) {
  * kept, the tail is truncated and reported, and the journal goes on from there. */
 static void test_torn_tail(void **state) {
     (void)state;
-    const char *path = jpath("journal_torn");
+    const char *path = tc_tmp_path("journal_torn", "journal");
     twn_journal *j = open_ok(path, NULL, NULL);
     twn_err err = {{0}};
     twn_unit_counts k = {8, 5, 2, 1, 77};
@@ -270,7 +263,7 @@ static void test_torn_tail(void **state) {
 
 static void test_fingerprint_mismatch(void **state) {
     (void)state;
-    const char *path = jpath("journal_fp");
+    const char *path = tc_tmp_path("journal_fp", "journal");
     close_ok(open_ok(path, NULL, NULL));
     twn_journal *j = (twn_journal *)1;
     twn_err err = {{0}};
@@ -281,7 +274,7 @@ static void test_fingerprint_mismatch(void **state) {
     char want[1024];
     snprintf(want, sizeof want,
              "%s: journal was written for a different plan (sources: journal has "
-             "\"data/a.jsonl\ndata/b.tar\", this run has \"data/c.jsonl\"); restart with the "
+             "\"data/a.jsonl\\ndata/b.tar\", this run has \"data/c.jsonl\"); restart with the "
              "original plan or use a new journal",
              path);
     assert_string_equal(err.msg, want);
@@ -441,21 +434,15 @@ static void test_open_errors(void **state) {
  * error, and what reached the disk is a torn tail the next open truncates. */
 static void test_write_failure_poisons(void **state) {
     (void)state;
-    const char *path = jpath("journal_poison");
+    const char *path = tc_tmp_path("journal_poison", "journal");
     twn_journal *j = open_ok(path, NULL, NULL);
     long size = file_size(path);
-    struct rlimit old, lim;
-    assert_int_equal(getrlimit(RLIMIT_FSIZE, &old), 0);
-    lim = old;
-    lim.rlim_cur = (rlim_t)size + 100;
-    signal(SIGXFSZ, SIG_IGN);
-    assert_int_equal(setrlimit(RLIMIT_FSIZE, &lim), 0);
+    struct rlimit old = tc_fsize_limit((rlim_t)size + 100);
     twn_err err = {{0}};
     twn_unit_counts k = {1, 1, 0, 0, 0};
     for (uint64_t u = 0; u < 5; u++) assert_int_equal(twn_journal_unit_done(j, u, &k, &err), 0);
     int rc = twn_journal_commit(j, &err);
-    assert_int_equal(setrlimit(RLIMIT_FSIZE, &old), 0);
-    signal(SIGXFSZ, SIG_DFL);
+    tc_fsize_limit_end(old);
     char want[1200];
     snprintf(want, sizeof want, "cannot write journal %s: File too large", path);
     assert_int_equal(rc, -1);

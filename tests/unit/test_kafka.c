@@ -11,57 +11,30 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <librdkafka/rdkafka.h>
-#include <librdkafka/rdkafka_mock.h>
-
 #include "common/kafka.h"
 #include "tests/testutil.h"
+#include "tests/unit/kafka_peer.h"
 #include "util/clock.h"
 #include "util/mem.h"
 #include "util/vec.h"
 
-static rd_kafka_t *g_rk; /* owns the mock cluster */
-static rd_kafka_mock_cluster_t *g_mcl;
-static const char *g_brokers;
-
-static void quiet_log(const rd_kafka_t *rk, int level, const char *fac, const char *buf) {
-    (void)rk, (void)level, (void)fac, (void)buf;
-}
+static kp_cluster g_kc; /* the mock cluster (3 brokers) */
 
 static int group_setup(void **state) {
     (void)state;
-    char errstr[256];
-    rd_kafka_conf_t *conf = rd_kafka_conf_new();
-    rd_kafka_conf_set_log_cb(conf, quiet_log);
-    g_rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errstr, sizeof errstr);
-    if (!g_rk) return -1;
-    g_mcl = rd_kafka_mock_cluster_new(g_rk, 3);
-    if (!g_mcl) return -1;
-    g_brokers = rd_kafka_mock_cluster_bootstraps(g_mcl);
-    return 0;
+    return kp_start(&g_kc, 3);
 }
 
 static int group_teardown(void **state) {
     (void)state;
-    rd_kafka_mock_cluster_destroy(g_mcl);
-    rd_kafka_destroy(g_rk);
+    kp_stop(&g_kc);
     return 0;
 }
 
 static rd_kafka_t *producer_batches(int batch) {
-    char errstr[256], b[16];
-    rd_kafka_conf_t *conf = rd_kafka_conf_new();
-    rd_kafka_conf_set_log_cb(conf, quiet_log);
+    char b[16];
     snprintf(b, sizeof b, "%d", batch);
-    assert_int_equal(rd_kafka_conf_set(conf, "batch.num.messages", b, errstr, sizeof errstr),
-                     RD_KAFKA_CONF_OK);
-    assert_int_equal(rd_kafka_conf_set(conf, "bootstrap.servers", g_brokers, errstr, sizeof errstr),
-                     RD_KAFKA_CONF_OK);
-    assert_int_equal(rd_kafka_conf_set(conf, "enable.idempotence", "true", errstr, sizeof errstr),
-                     RD_KAFKA_CONF_OK);
-    rd_kafka_t *p = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errstr, sizeof errstr);
-    assert_non_null(p);
-    return p;
+    return kp_producer(&g_kc, "batch.num.messages", b, "enable.idempotence", "true", NULL);
 }
 
 static rd_kafka_t *producer(void) {
@@ -71,31 +44,13 @@ static rd_kafka_t *producer(void) {
 /* Every broker up again, whatever a failed test left behind. */
 static int brokers_up(void **state) {
     (void)state;
-    for (int b = 1; b <= 3; b++) rd_kafka_mock_broker_set_up(g_mcl, b);
+    kp_brokers_up(&g_kc);
     return 0;
-}
-
-static void produce(rd_kafka_t *p, const char *topic, int32_t part, const char *key,
-                    const void *value, size_t len) {
-    rd_kafka_resp_err_t e;
-    for (;;) {
-        e = rd_kafka_producev(p, RD_KAFKA_V_TOPIC(topic), RD_KAFKA_V_PARTITION(part),
-                              RD_KAFKA_V_KEY(key, key ? strlen(key) : 0),
-                              RD_KAFKA_V_VALUE((void *)value, len),
-                              RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY), RD_KAFKA_V_END);
-        if (e != RD_KAFKA_RESP_ERR__QUEUE_FULL) break;
-        rd_kafka_poll(p, 10);
-    }
-    assert_int_equal(e, 0);
-}
-
-static void flush(rd_kafka_t *p) {
-    assert_int_equal(rd_kafka_flush(p, 20000), 0);
 }
 
 static twn_kafka *handle(const char *group) {
     twn_kafka_config c = twn_kafka_config_default();
-    c.brokers = g_brokers;
+    c.brokers = g_kc.brokers;
     c.group = group;
     c.read_timeout_ms = 20000;
     twn_kafka *k;
@@ -120,14 +75,14 @@ static void record(int i, twn_str *s) {
 static int g_jobs_ready = 0;
 static void make_jobs(void) {
     if (g_jobs_ready) return;
-    assert_int_equal(rd_kafka_mock_topic_create(g_mcl, "jobs", 4, 3), 0);
+    assert_int_equal(rd_kafka_mock_topic_create(g_kc.mcl, "jobs", 4, 3), 0);
     rd_kafka_t *p = producer();
     twn_str s = {0};
     for (int i = 0; i < 3000; i++) {
         record(i, &s);
-        produce(p, "jobs", i % 4, NULL, s.v, s.n);
+        kp_produce(p, "jobs", i % 4, NULL, s.v, s.n);
     }
-    flush(p);
+    kp_flush(p);
     rd_kafka_destroy(p);
     twn_str_free(&s);
     g_jobs_ready = 1;
@@ -137,7 +92,7 @@ static void make_jobs(void) {
 
 static void test_plan_read_all(void **state) {
     (void)state;
-    assert_non_null(strstr(g_brokers, "127.0.0.1:"));
+    assert_non_null(strstr(g_kc.brokers, "127.0.0.1:"));
     make_jobs();
     twn_kafka *k = handle(NULL);
     twn_kafka_units units = {0};
@@ -250,16 +205,16 @@ static void test_plan_read_all(void **state) {
 static void test_failover(void **state) {
     (void)state;
     const char *topic = "failover";
-    assert_int_equal(rd_kafka_mock_topic_create(g_mcl, topic, 2, 3), 0);
-    assert_int_equal(rd_kafka_mock_partition_set_leader(g_mcl, topic, 0, 1), 0);
-    assert_int_equal(rd_kafka_mock_partition_set_leader(g_mcl, topic, 1, 1), 0);
+    assert_int_equal(rd_kafka_mock_topic_create(g_kc.mcl, topic, 2, 3), 0);
+    assert_int_equal(rd_kafka_mock_partition_set_leader(g_kc.mcl, topic, 0, 1), 0);
+    assert_int_equal(rd_kafka_mock_partition_set_leader(g_kc.mcl, topic, 1, 1), 0);
     rd_kafka_t *p = producer_batches(20); /* small batches: a fetch returns at least one */
     char v[96];
     for (int i = 0; i < 4000; i++) {
         int n = snprintf(v, sizeof v, "{\"id\": %d, \"text\": \"failover %d\"}", i, i);
-        produce(p, topic, i % 2, NULL, v, (size_t)n);
+        kp_produce(p, topic, i % 2, NULL, v, (size_t)n);
     }
-    flush(p);
+    kp_flush(p);
     rd_kafka_destroy(p);
 
     /* The records sit in batches of 20 (a fetch returns whole batches) and the read starts at
@@ -287,25 +242,25 @@ static void test_failover(void **state) {
             want++;
             if (u == 0 && want == 300) {
                 /* the leader dies; partition 0 moves to broker 2 */
-                assert_int_equal(rd_kafka_mock_broker_set_down(g_mcl, 1), 0);
-                assert_int_equal(rd_kafka_mock_partition_set_leader(g_mcl, topic, 0, 2), 0);
+                assert_int_equal(rd_kafka_mock_broker_set_down(g_kc.mcl, 1), 0);
+                assert_int_equal(rd_kafka_mock_partition_set_leader(g_kc.mcl, topic, 0, 2), 0);
             }
             if (u == 0 && want == 1200) /* and moves again, with no broker down */
-                assert_int_equal(rd_kafka_mock_partition_set_leader(g_mcl, topic, 0, 3), 0);
+                assert_int_equal(rd_kafka_mock_partition_set_leader(g_kc.mcl, topic, 0, 3), 0);
             if (u == 1 && want == 500) /* partition 1: its leader moves to broker 3 ... */
-                assert_int_equal(rd_kafka_mock_partition_set_leader(g_mcl, topic, 1, 3), 0);
+                assert_int_equal(rd_kafka_mock_partition_set_leader(g_kc.mcl, topic, 1, 3), 0);
             if (u == 1 && want == 1000) { /* ... which then dies; broker 2 takes over */
-                assert_int_equal(rd_kafka_mock_broker_set_down(g_mcl, 3), 0);
-                assert_int_equal(rd_kafka_mock_partition_set_leader(g_mcl, topic, 1, 2), 0);
+                assert_int_equal(rd_kafka_mock_broker_set_down(g_kc.mcl, 3), 0);
+                assert_int_equal(rd_kafka_mock_partition_set_leader(g_kc.mcl, topic, 1, 2), 0);
             }
         }
         if (rc) fail_msg("%s", err.msg);
         assert_int_equal(want, 2000);
         twn_src_item_clear(&it);
         twn_kafka_reader_close(r);
-        if (u == 0) assert_int_equal(rd_kafka_mock_broker_set_up(g_mcl, 1), 0);
+        if (u == 0) assert_int_equal(rd_kafka_mock_broker_set_up(g_kc.mcl, 1), 0);
     }
-    assert_int_equal(rd_kafka_mock_broker_set_up(g_mcl, 3), 0);
+    assert_int_equal(rd_kafka_mock_broker_set_up(g_kc.mcl, 3), 0);
     fprintf(stderr, "test_kafka: failover read of 4000 records in %.2f s (last error: %s)\n",
             twn_now() - t0, twn_kafka_last_error(k));
     /* the brokers really went away under the reader */
@@ -386,10 +341,10 @@ static void test_commits(void **state) {
     /* a new member of the group (plain librdkafka, subscribe) starts at the committed offsets */
     char errstr[256];
     rd_kafka_conf_t *conf = rd_kafka_conf_new();
-    rd_kafka_conf_set_log_cb(conf, quiet_log);
-    const char *kv[][2] = {{"bootstrap.servers", g_brokers},  {"group.id", "indexers"},
-                           {"auto.offset.reset", "earliest"}, {"enable.auto.commit", "false"},
-                           {"session.timeout.ms", "6000"},    {"heartbeat.interval.ms", "500"}};
+    rd_kafka_conf_set_log_cb(conf, kp_quiet_log);
+    const char *kv[][2] = {{"bootstrap.servers", g_kc.brokers}, {"group.id", "indexers"},
+                           {"auto.offset.reset", "earliest"},   {"enable.auto.commit", "false"},
+                           {"session.timeout.ms", "6000"},      {"heartbeat.interval.ms", "500"}};
     for (size_t i = 0; i < 6; i++)
         assert_int_equal(rd_kafka_conf_set(conf, kv[i][0], kv[i][1], errstr, sizeof errstr),
                          RD_KAFKA_CONF_OK);
@@ -461,7 +416,7 @@ static void read_topic(twn_kafka *k, const char *topic, twn_kafka_format fmt, co
 
 static void test_bad_records(void **state) {
     (void)state;
-    assert_int_equal(rd_kafka_mock_topic_create(g_mcl, "dirty", 1, 3), 0);
+    assert_int_equal(rd_kafka_mock_topic_create(g_kc.mcl, "dirty", 1, 3), 0);
     char big[400];
     memset(big, 'x', sizeof big);
     int bn = snprintf(big, sizeof big, "{\"id\": \"big\", \"text\": \"");
@@ -488,8 +443,8 @@ static void test_bad_records(void **state) {
     size_t n = sizeof recs / sizeof *recs;
     rd_kafka_t *p = producer();
     for (size_t i = 0; i < n; i++)
-        produce(p, "dirty", 0, recs[i].key, recs[i].value, strlen(recs[i].value));
-    flush(p);
+        kp_produce(p, "dirty", 0, recs[i].key, recs[i].value, strlen(recs[i].value));
+    kp_flush(p);
     rd_kafka_destroy(p);
 
     twn_kafka *k = handle(NULL);
@@ -587,7 +542,7 @@ static void test_bad_records(void **state) {
 
 static void test_proto_records(void **state) {
     (void)state;
-    assert_int_equal(rd_kafka_mock_topic_create(g_mcl, "items-pb", 1, 3), 0);
+    assert_int_equal(rd_kafka_mock_topic_create(g_kc.mcl, "items-pb", 1, 3), 0);
     rd_kafka_t *p = producer();
     uint8_t buf[512];
     for (int i = 0; i < 6; i++) {
@@ -606,10 +561,10 @@ static void test_proto_records(void **state) {
             m.images = &img;
         }
         size_t n = twn__item__pack(&m, buf);
-        produce(p, "items-pb", 0, i == 2 ? "key-of-2" : NULL, buf, n);
+        kp_produce(p, "items-pb", 0, i == 2 ? "key-of-2" : NULL, buf, n);
     }
-    produce(p, "items-pb", 0, NULL, "\xff\xff\xff", 3); /* not a protobuf */
-    flush(p);
+    kp_produce(p, "items-pb", 0, NULL, "\xff\xff\xff", 3); /* not a protobuf */
+    kp_flush(p);
     rd_kafka_destroy(p);
 
     twn_kafka *k = handle(NULL);
@@ -637,17 +592,17 @@ static void test_proto_records(void **state) {
  * truncated): the items that exist, then a clear error once nothing arrives. */
 static void test_range_past_end(void **state) {
     (void)state;
-    assert_int_equal(rd_kafka_mock_topic_create(g_mcl, "short", 1, 3), 0);
+    assert_int_equal(rd_kafka_mock_topic_create(g_kc.mcl, "short", 1, 3), 0);
     rd_kafka_t *p = producer();
     char v[64];
     for (int i = 0; i < 5; i++) {
         int n = snprintf(v, sizeof v, "{\"id\": \"s%d\", \"text\": \"t\"}", i);
-        produce(p, "short", 0, NULL, v, (size_t)n);
+        kp_produce(p, "short", 0, NULL, v, (size_t)n);
     }
-    flush(p);
+    kp_flush(p);
     rd_kafka_destroy(p);
     twn_kafka_config c = twn_kafka_config_default();
-    c.brokers = g_brokers;
+    c.brokers = g_kc.brokers;
     c.read_timeout_ms = 1000;
     twn_kafka *k;
     twn_err err = {{0}};
@@ -676,7 +631,7 @@ static void test_range_past_end(void **state) {
     c.brokers = NULL;
     assert_int_equal(twn_kafka_open(&c, &k, &err), -1);
     assert_string_equal(err.msg, "kafka: no brokers; expected bootstrap servers host:port[,...]");
-    c.brokers = g_brokers;
+    c.brokers = g_kc.brokers;
     const char *props[] = {"fetch.wait.max.ms=abc", NULL};
     c.props = props;
     assert_int_equal(twn_kafka_open(&c, &k, &err), -1);

@@ -22,6 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "tests/unit/corpus.h"
 #include "tests/unit/procs.h"
 #include "util/hash.h"
 
@@ -40,150 +41,62 @@
 // ------------------------------------------------------------------------------------------------
 // Inputs and config
 
-static const char *MAKE_TAR = "import io, json, sys, tarfile\n"
-                              "def add(t, name, data):\n"
-                              "    ti = tarfile.TarInfo(name); ti.size = len(data); ti.mtime = 0\n"
-                              "    t.addfile(ti, io.BytesIO(data))\n"
-                              "n, every = int(sys.argv[2]), int(sys.argv[3])\n"
-                              "with tarfile.open(sys.argv[1], 'w', format=tarfile.USTAR_FORMAT) "
-                              "as t:\n"
-                              "    k = 0\n"
-                              "    for i in range(n):\n"
-                              "        add(t, '%06d.txt' % k, ('tar item %d' % i).encode())\n"
-                              "        add(t, '%06d.json' % k, json.dumps({'id': 't%05d' % "
-                              "i}).encode())\n"
-                              "        k += 1\n"
-                              "        if i % every == every - 1:\n"
-                              "            add(t, '%06d.txt' % k, b'bad item')\n"
-                              "            add(t, '%06d.json' % k, b'{\"id\": broken')\n"
-                              "            k += 1\n";
-
 /* The inputs, once per process: DIR/items.jsonl and DIR/items.tar.  After every BAD_EVERY good
  * JSONL lines come two bad ones (not JSON; no id), after every BAD_EVERY/2 tar items one with a
- * broken .json member. */
+ * broken .json member (corpus.h). */
 static const char *make_inputs(void) {
     static char dir[1024];
-    if (dir[0]) return dir;
-    snprintf(dir, sizeof dir, "%s", tu_tmpdir("kill-in"));
-    char p[1200], cmd[4096];
-    snprintf(p, sizeof p, "%s/items.jsonl", dir);
-    FILE *f = fopen(p, "w");
-    assert_non_null(f);
-    for (int i = 0; i < N_JSONL; i++) {
-        fprintf(f, "{\"id\": \"n%05d\", \"text\": \"item %d\"}\n", i, i);
-        if (i % BAD_EVERY == BAD_EVERY - 1) {
-            fprintf(f, "{\"id\": \"bad%d\", \"text\": oops}\n", i);
-            fprintf(f, "{\"text\": \"no id after %d\"}\n", i);
-        }
-    }
-    fclose(f);
-    snprintf(p, sizeof p, "%s/make_tar.py", dir);
-    tu_write(p, MAKE_TAR, strlen(MAKE_TAR));
-    snprintf(cmd, sizeof cmd, "/usr/bin/python3 %s %s/items.tar %d %d 2>&1", p, dir, N_TAR,
-             BAD_EVERY / 2);
-    char *log = NULL;
-    if (tu_run(cmd, &log)) fail_msg("making the tar: %s", log);
-    free(log);
+    if (!dir[0])
+        tc_numbered_inputs("kill-in", N_JSONL, BAD_EVERY, N_TAR, BAD_EVERY / 2, dir, sizeof dir);
     return dir;
 }
 
 static const char *write_config(const char *dir, const char *control, char eps[SHARDS][256]) {
-    static char path[1200];
     const char *in = make_inputs();
     char yaml[8192];
-    int n = snprintf(yaml, sizeof yaml,
-                     "# written by test_kill.c\n"
-                     "job:\n"
-                     "  inputs:\n"
-                     "    - %s/items.jsonl\n"
-                     "    - %s/items.tar\n"
-                     "  out: %s/out\n"
-                     "  engine: null\n"
-                     "  null_item_us: %d\n"
-                     "  dim: 16\n"
-                     "  shards: %d\n"
-                     "  unit_items: %d\n"
-                     "coordinator:\n"
-                     "  listen: %s\n"
-                     "  heartbeat_ms: 200\n"
-                     "  missed_beats: 5\n"
-                     "  lease_ms: 5000\n"
-                     "  ack_timeout_ms: 5000\n"
-                     "  hard_batch: 16\n"
-                     "  connect_timeout_ms: 60000\n"
-                     "gate:\n"
-                     "  credits: 1\n"
-                     "  batch: 8\n"
-                     "worker:\n"
-                     "  credits: 1\n"
-                     "  batch: 8\n"
-                     "indexer:\n"
-                     "  commit_ms: 10\n"
-                     "  credits: 2\n"
-                     "  endpoints:\n",
-                     in, in, dir, NULL_ITEM_US, SHARDS, UNIT_ITEMS, control);
-    for (int s = 0; s < SHARDS; s++)
-        n += snprintf(yaml + n, sizeof yaml - (size_t)n, "    - %s\n", eps[s]);
-    snprintf(path, sizeof path, "%s/job.yaml", dir);
-    tu_write(path, yaml, strlen(yaml));
-    return path;
+    snprintf(yaml, sizeof yaml,
+             "# written by test_kill.c\n"
+             "job:\n"
+             "  inputs:\n"
+             "    - %s/items.jsonl\n"
+             "    - %s/items.tar\n"
+             "  out: %s/out\n"
+             "  engine: null\n"
+             "  null_item_us: %d\n"
+             "  dim: 16\n"
+             "  shards: %d\n"
+             "  unit_items: %d\n"
+             "coordinator:\n"
+             "  listen: %s\n"
+             "  heartbeat_ms: 200\n"
+             "  missed_beats: 5\n"
+             "  lease_ms: 5000\n"
+             "  ack_timeout_ms: 5000\n"
+             "  hard_batch: 16\n"
+             "  connect_timeout_ms: 60000\n"
+             "gate:\n"
+             "  credits: 1\n"
+             "  batch: 8\n"
+             "worker:\n"
+             "  credits: 1\n"
+             "  batch: 8\n"
+             "indexer:\n"
+             "  commit_ms: 10\n"
+             "  credits: 2\n"
+             "  endpoints:\n",
+             in, in, dir, NULL_ITEM_US, SHARDS, UNIT_ITEMS, control);
+    return tp_job_yaml(dir, yaml, eps[0], sizeof eps[0], SHARDS);
 }
 
 // ------------------------------------------------------------------------------------------------
-// Randomness (seeded, printed) and the coordinator's progress
-
-static uint64_t rng_state;
-
-static uint32_t rnd(void) { /* splitmix64 */
-    uint64_t z = (rng_state += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return (uint32_t)((z ^ (z >> 31)) >> 32);
-}
-
-static double rnd_uniform(double lo, double hi) {
-    return lo + (hi - lo) * (double)rnd() / 4294967296.0;
-}
+// Randomness (seeded, printed; procs.h)
 
 static void seed_for(const char *test) {
-    const char *s = getenv("TWN_TEST_SEED");
-    uint32_t seed = s && *s ? (uint32_t)strtoul(s, NULL, 0)
-                            : (uint32_t)(time(NULL) ^ ((uint32_t)getpid() << 16));
-    rng_state = seed ^ twn_hash64(test, strlen(test)); /* each scenario its own points */
+    uint32_t seed = tp_test_seed();
+    tp_rng = seed ^ twn_hash64(test, strlen(test)); /* each scenario its own points */
     printf("[   SEED   ] %s: TWN_TEST_SEED=%u\n", test, seed);
     fflush(stdout);
 }
-
-/* GET http://127.0.0.1:port/metrics: the value of the sample line starting with `name ` (a
- * metric name with its labels), or -1 when the server does not answer (not up yet, or gone). */
-static double metric(int port, const char *name) {
-    int s = socket(AF_INET, SOCK_STREAM, 0);
-    if (s < 0) return -1;
-    struct timeval tv = {2, 0};
-    setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    struct sockaddr_in a;
-    memset(&a, 0, sizeof a);
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    a.sin_port = htons((uint16_t)port);
-    double v = -1;
-    static char buf[1 << 18];
-    size_t n = 0;
-    const char *req = "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
-    if (connect(s, (struct sockaddr *)&a, sizeof a) || write(s, req, strlen(req)) < 0) goto out;
-    for (ssize_t got; n < sizeof buf - 1 && (got = read(s, buf + n, sizeof buf - 1 - n)) > 0;)
-        n += (size_t)got;
-    buf[n] = 0;
-    char key[256];
-    snprintf(key, sizeof key, "\n%s ", name);
-    const char *p = strstr(buf, key);
-    if (p) v = strtod(p + strlen(key), NULL);
-out:
-    close(s);
-    return v;
-}
-
-#define UNITS_DONE "twn_job_units{state=\"done\"}"
 
 // ------------------------------------------------------------------------------------------------
 // The fleet
@@ -201,12 +114,9 @@ typedef struct fleet {
 } fleet;
 
 static tp_proc *start_coordinator(fleet *f) {
-    char name[32], listen[64];
+    char name[32];
     snprintf(name, sizeof name, "coordinator-%d", f->coord_runs++);
-    f->coord_port = tp_free_port();
-    snprintf(listen, sizeof listen, "127.0.0.1:%d", f->coord_port);
-    return f->coord = tp_spawn(name, f->dir, TWN_BIN, "coordinator", "--config", f->cfg,
-                               "--metrics.listen", listen, NULL);
+    return f->coord = tp_spawn_coordinator(name, f->dir, f->cfg, &f->coord_port);
 }
 
 static tp_proc *start_role(fleet *f, role r, int k, int run) {
@@ -230,14 +140,8 @@ static tp_proc *start_role(fleet *f, role r, int k, int run) {
 /* Waits until the current coordinator reports at least `units` units done.  -1: it ended (or
  * the deadline passed) first. */
 static int wait_units(fleet *f, double units, double timeout_s) {
-    double end = tp_now() + timeout_s;
-    while (tp_now() < end) {
-        if (tp_poll(f->coord)) return -1;
-        double d = metric(f->coord_port, UNITS_DONE);
-        if (d >= units) return 0;
-        tp_sleep_ms(3);
-    }
-    return -1;
+    double last;
+    return tp_wait_metric(f->coord, f->coord_port, TP_UNITS_DONE, units, timeout_s, &last);
 }
 
 static void expect_units(int *units) {
@@ -261,11 +165,19 @@ static void finish_job(fleet *f) {
         if (running) tp_sleep_ms(10);
     }
     if (running) {
-        printf("[  RE-RUN  ] a restarted process joined after the end: the coordinator again\n");
+        printf("[  RE-RUN  ] a restarted process joined after the end: the coordinator again "
+               "(still running:");
+        for (size_t i = 0; i < tp_nprocs; i++)
+            if (tp_procs[i].running) printf(" %s", tp_procs[i].name);
+        printf(")\n");
         fflush(stdout);
         start_coordinator(f);
     }
-    if (tp_wait_all(120)) fail_msg("processes did not end by themselves:%s", tp_report());
+    if (tp_wait_all(120)) { /* cmocka cuts long messages: the whole report on stdout first */
+        printf("processes did not end by themselves:%s\n", tp_report());
+        fflush(stdout);
+        fail_msg("processes did not end by themselves (the report is above)");
+    }
 }
 
 /* The checks every scenario ends with. */
@@ -280,18 +192,11 @@ static void check_outputs(fleet *f, tp_proc **killed, size_t n_killed) {
     }
     int units;
     expect_units(&units);
-    char *log = tp_log(f->coord);
-    unsigned long long u, items, easy, hard, rejected;
-    const char *line = strstr(log, "units ");
-    if (!line) fail_msg("no summary line in the last coordinator's log:%s", tp_report());
-    assert_int_equal(sscanf(line, "units %llu items %llu easy %llu hard %llu rejected %llu", &u,
-                            &items, &easy, &hard, &rejected),
-                     5);
-    free(log);
-    assert_int_equal(u, units);
-    assert_int_equal(items, N_GOOD + N_BAD);
-    assert_int_equal(easy + hard, N_GOOD);
-    assert_int_equal(rejected, N_BAD);
+    tp_summary sum = tp_summary_of(f->coord, "the last coordinator's log");
+    assert_int_equal(sum.units, units);
+    assert_int_equal(sum.items, N_GOOD + N_BAD);
+    assert_int_equal(sum.easy + sum.hard, N_GOOD);
+    assert_int_equal(sum.rejected, N_BAD);
 
     char out[1200], dl[1300];
     snprintf(out, sizeof out, "%s/out", f->dir);
@@ -309,33 +214,25 @@ static void check_outputs(fleet *f, tp_proc **killed, size_t n_killed) {
         if (!it) fail_msg("%s is missing from the index", id);
         n_hard += !strcmp(json_string_value(json_object_get(it, "route")), "hard");
     }
-    assert_int_equal(n_hard, (int)hard);
+    assert_int_equal(n_hard, (int)sum.hard);
     tp_shards_free(&s);
 
     /* dead letters: each bad record once, by (path, index in its file) */
     snprintf(dl, sizeof dl, "%s/out/dead_letter.jsonl", f->dir);
-    json_t *lines = tp_jsonl_read(dl);
-    json_t *seen = json_object();
-    size_t i;
-    json_t *l;
-    int jsonl = 0, tar = 0;
-    json_array_foreach(lines, i, l) {
-        json_t *ref = json_object_get(l, "ref");
-        const char *path = json_string_value(json_object_get(ref, "path"));
-        assert_non_null(path);
-        char key[1400];
-        snprintf(key, sizeof key, "%s#%lld", path,
-                 (long long)json_number_value(json_object_get(ref, "index")));
-        if (json_object_get(seen, key)) fail_msg("dead letter %s is in %s twice", key, dl);
-        json_object_set_new(seen, key, json_true());
-        jsonl += strstr(path, ".jsonl") != NULL;
-        tar += strstr(path, ".tar") != NULL;
+    json_t *seen = tp_dead_letter_refs(dl), *count;
+    const char *key;
+    int jsonl = 0, tar = 0, lines = 0;
+    json_object_foreach(seen, key, count) {
+        if (json_integer_value(count) != 1) fail_msg("dead letter %s is in %s twice", key, dl);
+        assert_null(strstr(key, "(none)#")); /* every dead letter names its path */
+        jsonl += strstr(key, ".jsonl#") != NULL;
+        tar += strstr(key, ".tar#") != NULL;
+        lines += (int)json_integer_value(count);
     }
     assert_int_equal(jsonl, N_BAD_JSONL);
     assert_int_equal(tar, N_BAD_TAR);
-    assert_int_equal((int)json_array_size(lines), N_BAD);
+    assert_int_equal(lines, N_BAD);
     json_decref(seen);
-    json_decref(lines);
 }
 
 /* One scenario: start the fleet, kill one process of `victim` (kills times, each at a later
@@ -347,15 +244,7 @@ static void run_kill(const char *test, role victim, int kills, int tcp) {
     fleet f = {0};
     f.dir = tu_tmpdir(tag);
     char control[256], eps[SHARDS][256];
-    if (tcp) {
-        snprintf(control, sizeof control, "tcp://127.0.0.1:%d", tp_free_port());
-        for (int s = 0; s < SHARDS; s++)
-            snprintf(eps[s], sizeof eps[s], "tcp://127.0.0.1:%d", tp_free_port());
-    } else {
-        snprintf(control, sizeof control, "ipc://%s/ctl", f.dir);
-        for (int s = 0; s < SHARDS; s++)
-            snprintf(eps[s], sizeof eps[s], "ipc://%s/shard-%d", f.dir, s);
-    }
+    tp_endpoints(f.dir, tcp, control, eps[0], sizeof eps[0], SHARDS);
     f.cfg = write_config(f.dir, control, eps);
     for (int s = 0; s < SHARDS; s++) start_role(&f, R_INDEXER, s, 0);
     for (int g = 0; g < GATES; g++) start_role(&f, R_GATE, g, 0);
@@ -368,23 +257,23 @@ static void run_kill(const char *test, role victim, int kills, int tcp) {
     double at = 0;
     for (int k = 0; k < kills; k++) {
         /* a random point: a fraction of the units done, then a few ms more */
-        at = rnd_uniform(at > 0 ? at + 0.05 : 0.05, 0.8 * (k + 1) / kills);
+        at = tp_rnd_uniform(at > 0 ? at + 0.05 : 0.05, 0.8 * (k + 1) / kills);
         if (wait_units(&f, at * units, 120))
             fail_msg("the job ended before %.0f%% of the units were done (the kill point):%s",
                      at * 100, tp_report());
-        tp_sleep_ms((int)rnd_uniform(0, 20));
-        int which = victim == R_GATE      ? (int)(rnd() % GATES)
-                    : victim == R_INDEXER ? (int)(rnd() % SHARDS)
+        tp_sleep_ms((int)tp_rnd_uniform(0, 20));
+        int which = victim == R_GATE      ? (int)(tp_rnd() % GATES)
+                    : victim == R_INDEXER ? (int)(tp_rnd() % SHARDS)
                                           : 0;
         tp_proc *v = victim == R_COORDINATOR ? f.coord
                      : victim == R_GATE      ? f.gate[which]
                      : victim == R_WORKER    ? f.worker
                                              : f.ix[which];
-        double done = metric(f.coord_port, UNITS_DONE);
+        double done = tp_metric(f.coord_port, TP_UNITS_DONE);
         if (tp_poll(v)) fail_msg("%s ended before the kill:%s", v->name, tp_report());
         tp_kill9(v);
         killed[k] = v;
-        int pause = (int)rnd_uniform(0, 1500);
+        int pause = (int)tp_rnd_uniform(0, 1500);
         printf("[   KILL   ] %s at %.0f/%d units done; restarted after %d ms\n", v->name, done,
                units, pause);
         fflush(stdout);
@@ -406,16 +295,15 @@ static void test_kill_indexer_at_finish(void **st) {
     fleet f = {0};
     f.dir = tu_tmpdir("kill-indexer-at-finish");
     char control[256], eps[SHARDS][256];
-    snprintf(control, sizeof control, "ipc://%s/ctl", f.dir);
-    for (int s = 0; s < SHARDS; s++) snprintf(eps[s], sizeof eps[s], "ipc://%s/shard-%d", f.dir, s);
+    tp_endpoints(f.dir, 0, control, eps[0], sizeof eps[0], SHARDS);
     f.cfg = write_config(f.dir, control, eps);
     for (int s = 0; s < SHARDS; s++) start_role(&f, R_INDEXER, s, 0);
     for (int g = 0; g < GATES; g++) start_role(&f, R_GATE, g, 0);
     start_role(&f, R_WORKER, 0, 0);
     start_coordinator(&f);
-    int which = (int)(rnd() % SHARDS), delay_us = (int)rnd_uniform(0, 4000);
+    int which = (int)(tp_rnd() % SHARDS), delay_us = (int)tp_rnd_uniform(0, 4000);
     double end = tp_now() + 120;
-    while (metric(f.coord_port, "twn_job_end_time_seconds") <= 0) {
+    while (tp_metric(f.coord_port, "twn_job_end_time_seconds") <= 0) {
         if (tp_poll(f.coord) || tp_now() > end)
             fail_msg("the coordinator did not reach the end of the job:%s", tp_report());
         tp_sleep_ms(1);
@@ -449,8 +337,7 @@ static void test_journal_lost_dead_letters_once(void **st) {
     fleet f = {0};
     f.dir = tu_tmpdir("kill-journal-lost");
     char control[256], eps[SHARDS][256];
-    snprintf(control, sizeof control, "ipc://%s/ctl", f.dir);
-    for (int s = 0; s < SHARDS; s++) snprintf(eps[s], sizeof eps[s], "ipc://%s/shard-%d", f.dir, s);
+    tp_endpoints(f.dir, 0, control, eps[0], sizeof eps[0], SHARDS);
     f.cfg = write_config(f.dir, control, eps);
     for (int run = 0; run < 2; run++) {
         if (run) {

@@ -243,8 +243,142 @@ static void test_worker_death_releases_all(void **state) {
         for (int i = 0; i < 8; i++) order_ok &= g.refs[i] == want[i];
     }
     assert_true(order_ok);
-    for (int i = 0; i < 5; i++) assert_int_equal(g.attempts[i], 2);
+    /* Lease a's refs had an attempt counted; finished lease c's did not (it waited for acks). */
+    for (int i = 0; i < 5; i++) assert_int_equal(g.attempts[i], g.refs[i] < 2 ? 2 : 1);
     assert_int_equal(g.attempts[5], 1);
+    assert_int_equal(twn_leases_stats(l)->uncounted, 3);
+    twn_leases_free(l);
+}
+
+/* A holder that finished its part and then died puts the unsettled refs back without counting
+ * an attempt: dying max_attempts + 2 times after finishing poisons nothing, while a holder dying
+ * before finishing counts every time.  A finished lease whose acks do not come within
+ * ack_timeout_s (its holder alive) counts: such an item reaches the dead letters. */
+static void test_finished_lease_death_uncounted(void **state) {
+    (void)state;
+    fake f;
+    twn_leases *l = pool(&f, NULL, 2);
+    double now = 0;
+    for (uint32_t round = 1; round <= 5; round++) {
+        twn_lease_grant g = grant(l, round, 2, now);
+        assert_int_equal(g.n, 2);
+        assert_int_equal(g.attempts[0], 1); /* never counted up */
+        assert_int_equal(g.attempts[1], 1);
+        assert_int_equal(twn_leases_finish(l, g.id, now + 1, NULL), 1);
+        assert_int_equal(twn_leases_worker_dead(l, round), 1);
+        now += 100;
+    }
+    assert_int_equal(f.n_poisoned, 0);
+    assert_int_equal(twn_leases_stats(l)->uncounted, 10);
+    for (uint32_t attempt = 1; attempt <= 3; attempt++) {
+        twn_lease_grant g = grant(l, 10 + attempt, 2, now);
+        assert_int_equal(g.attempts[0], attempt);
+        assert_int_equal(twn_leases_worker_dead(l, 10 + attempt), 1); /* not finished */
+    }
+    assert_int_equal(f.n_poisoned, 2);
+    assert_int_equal(f.poison_attempts[0], 3);
+    twn_leases_free(l);
+
+    /* Acks that never come (an item that takes its shard down every time): counted. */
+    fake f2;
+    l = pool(&f2, NULL, 2);
+    now = 0;
+    for (uint32_t attempt = 1; attempt <= 3; attempt++) {
+        twn_lease_grant g = grant(l, attempt, 2, now);
+        assert_int_equal(g.n, 2);
+        assert_int_equal(g.attempts[0], attempt);
+        assert_int_equal(twn_leases_finish(l, g.id, now + 1, NULL), 1);
+        assert_int_equal(twn_leases_expire(l, now + 1 + 60), 1);
+        now += 100;
+    }
+    assert_int_equal(f2.n_poisoned, 2);
+    assert_int_equal(f2.poison_attempts[0], 3);
+    assert_int_equal(twn_leases_stats(l)->uncounted, 0);
+    twn_leases_free(l);
+}
+
+/* Per-lease renewal (twn_leases_report): a started lease is renewed while its progress moves and
+ * ends stall_s after it last moved although its holder keeps beating; the holder's unlisted
+ * (queued) lease is renewed while a listed one moves and runs out lease_s after that. */
+static void test_report_stall(void **state) {
+    (void)state;
+    fake f;
+    twn_lease_cfg cfg;
+    twn_lease_cfg_default(&cfg);
+    cfg.stall_s = 100;
+    twn_leases *l = pool(&f, &cfg, 4);
+    twn_lease_grant a = grant(l, 1, 1, 0.0);       /* worked on */
+    twn_lease_grant q = grant(l, 1, 1, 0.0);       /* queued behind a inside worker 1 */
+    uint64_t ref_a = a.refs[0], ref_q = q.refs[0]; /* .refs point into slots reused later */
+    twn_lease_beat b = {a.id, 1};
+    /* a moves every 5 s up to t = 50, then stands still; worker 1 beats every 5 s throughout */
+    double t;
+    for (t = 5; t < 150; t += 5) {
+        if (t <= 50) b.progress++;
+        assert_int_equal(twn_leases_report(l, 1, t, &b, 1), 2);
+        assert_int_equal(twn_leases_expire(l, t + 0.1), 0);
+    }
+    assert_true(twn_leases_deadline(l, a.slot) == 175.0);
+    assert_true(twn_leases_deadline(l, q.slot) == 175.0);
+    assert_int_equal(twn_leases_expire(l, 149.9), 0);
+    /* a moved last at 50: stalled from 150, so neither it nor q is renewed any more */
+    assert_int_equal(twn_leases_report(l, 1, 150.0, &b, 1), 0);
+    assert_int_equal(twn_leases_expire(l, 150.0), 1);
+    assert_int_equal(twn_leases_resolve(l, a.id, NULL, NULL), 0);
+    assert_int_equal(twn_leases_stats(l)->stalled, 1);
+    for (t = 155; t < 175; t += 5) {
+        assert_int_equal(twn_leases_report(l, 1, t, NULL, 0), 0); /* alive, renews nothing */
+        assert_int_equal(twn_leases_expire(l, t), 0);
+    }
+    assert_int_equal(twn_leases_expire(l, 175.0), 1);
+    const twn_lease_stats *st = twn_leases_stats(l);
+    assert_int_equal(st->expired, 2);
+    assert_int_equal(st->stalled, 1);
+    assert_int_equal(st->worker_deaths, 0);
+    /* Both refs are queued again with an attempt counted (neither lease had finished). */
+    twn_lease_grant g = grant(l, 2, 4, 176.0);
+    assert_int_equal(g.n, 4);
+    assert_int_equal(g.refs[0], ref_q); /* ended last: in front */
+    assert_int_equal(g.refs[1], ref_a);
+    assert_int_equal(g.attempts[0], 2);
+    assert_int_equal(g.attempts[1], 2);
+    /* Listed with progress 0 (taken but not started) is queued too; a started lease that is no
+     * longer listed is not renewed; ids of other pools, workers or ended leases are ignored. */
+    twn_lease_beat two[4] = {{g.id, 0}, {a.id, 7}, {g.id + (1ull << 48), 3}, {q.id, 9}};
+    assert_int_equal(twn_leases_report(l, 2, 180.0, two, 4), 0); /* nothing moves */
+    assert_true(twn_leases_deadline(l, g.slot) == 206.0);
+    twn_lease_beat go = {g.id, 1};
+    assert_int_equal(twn_leases_report(l, 3, 181.0, &go, 1), 0); /* not worker 3's */
+    assert_int_equal(twn_leases_report(l, 2, 181.0, &go, 1), 1);
+    assert_true(twn_leases_deadline(l, g.slot) == 211.0);
+    assert_int_equal(twn_leases_report(l, 2, 182.0, NULL, 0), 0);
+    assert_true(twn_leases_deadline(l, g.slot) == 211.0);
+    twn_leases_free(l);
+}
+
+/* stall_s = 0 turns stall expiry off; a stall_s not above heartbeat_s is refused. */
+static void test_stall_cfg(void **state) {
+    (void)state;
+    twn_lease_cfg c;
+    twn_lease_cfg_default(&c);
+    assert_true(c.stall_s == 300);
+    twn_err err = {{0}};
+    c.stall_s = 5;
+    assert_int_equal(twn_lease_cfg_check(&c, &err), -1);
+    assert_string_equal(err.msg, "lease config: stall_s = 5, expected 0 (off) or more than "
+                                 "heartbeat_s = 5 (progress is only seen once per heartbeat)");
+    c.stall_s = -1;
+    assert_int_equal(twn_lease_cfg_check(&c, &err), -1);
+    c.stall_s = 0;
+    assert_int_equal(twn_lease_cfg_check(&c, &err), 0);
+    fake f;
+    twn_leases *l = pool(&f, &c, 1);
+    twn_lease_grant a = grant(l, 1, 1, 0.0);
+    twn_lease_beat b = {a.id, 1};
+    for (double t = 5; t < 1000; t += 5) {
+        assert_int_equal(twn_leases_report(l, 1, t, &b, 1), 1);
+        assert_int_equal(twn_leases_expire(l, t), 0);
+    }
     twn_leases_free(l);
 }
 
@@ -360,6 +494,9 @@ static void test_release_requeues_at_once(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_release_requeues_at_once),
+        cmocka_unit_test(test_finished_lease_death_uncounted),
+        cmocka_unit_test(test_report_stall),
+        cmocka_unit_test(test_stall_cfg),
         cmocka_unit_test(test_defaults_and_check),
         cmocka_unit_test(test_grant_settle_close),
         cmocka_unit_test(test_heartbeat_renews),

@@ -10,7 +10,6 @@
  * A watchdog stops the job after WATCHDOG_S (the test then fails naming the hang) and ends the
  * process if the threads do not return WATCHDOG_GRACE_S after that, so a hang never runs into
  * ctest's timeout. */
-#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -19,65 +18,13 @@
 #include <zmq.h>
 
 #include "common/transport.h"
-#include "coordinator/service.h"
-#include "gate_service/gate.h"
-#include "gate_service/null_engine.h"
-#include "index/service.h"
 #include "tests/testutil.h"
+#include "tests/unit/corpus.h"
+#include "tests/unit/pipeline_harness.h"
 #include "util/clock.h"
-#include "worker/worker.h"
 
 #define WATCHDOG_S       60
 #define WATCHDOG_GRACE_S 15
-
-typedef struct watchdog {
-    volatile int *stop;
-    volatile int done, fired;
-    const char *what;
-    pthread_t th;
-} watchdog;
-
-static void *watchdog_main(void *arg) {
-    watchdog *w = arg;
-    for (int i = 0; i < WATCHDOG_S * 10 && !w->done; i++) usleep(100 * 1000);
-    if (w->done) return NULL;
-    w->fired = 1;
-    *w->stop = 1;
-    for (int i = 0; i < WATCHDOG_GRACE_S * 10 && !w->done; i++) usleep(100 * 1000);
-    if (w->done) return NULL;
-    fprintf(stderr,
-            "%s: hung: the job did not finish within %d s, and its threads did not return "
-            "%d s after stop\n",
-            w->what, WATCHDOG_S, WATCHDOG_GRACE_S);
-    _exit(1);
-}
-
-static void watchdog_start(watchdog *w, volatile int *stop, const char *what) {
-    memset(w, 0, sizeof *w);
-    w->stop = stop;
-    w->what = what;
-    pthread_create(&w->th, NULL, watchdog_main, w);
-}
-
-static void watchdog_end(watchdog *w) {
-    w->done = 1;
-    pthread_join(w->th, NULL);
-    if (w->fired) fail_msg("%s: the job did not finish within %d s", w->what, WATCHDOG_S);
-}
-
-/* n items with ids prefix<k>, only hard ones (want_hard 1) or only easy ones (0) by the null
- * engine's routing. */
-static void write_items(const char *path, const char *prefix, int n, int want_hard) {
-    FILE *f = fopen(path, "w");
-    assert_non_null(f);
-    char id[64];
-    for (int k = 0, got = 0; got < n; k++) {
-        snprintf(id, sizeof id, "%s%04d", prefix, k);
-        if (twn_null_hard(id) != want_hard) continue;
-        fprintf(f, "{\"id\": \"%s\", \"text\": \"item %d\"}\n", id, got++);
-    }
-    fclose(f);
-}
 
 /* Lines of a dead-letter file with `stage` and `reason`, each (unit, index) at most once (else
  * the test fails); *other counts the rest. */
@@ -115,101 +62,38 @@ static int count_dead(const char *path, const char *stage, const char *reason, i
 // ------------------------------------------------------------------------------------------------
 // The whole job in threads
 
-typedef struct job {
-    int kind; /* 0 coordinator, 1 indexer, 2 gate, 3 worker */
-    twn_coord_cfg cc;
-    twn_coord_summary sum;
-    twn_indexer_cfg ic;
-    twn_role_cfg rc;
-    int status;
-    twn_err err;
-} job;
-
-static void *job_main(void *arg) {
-    job *j = arg;
-    if (j->kind == 0)
-        j->status = twn_coord_run(&j->cc, &j->sum, &j->err);
-    else if (j->kind == 1)
-        j->status = twn_indexer_run(&j->ic, &j->err);
-    else if (j->kind == 2)
-        j->status = twn_gate_run(&j->rc, &j->err);
-    else
-        j->status = twn_worker_run(&j->rc, &j->err);
-    return NULL;
-}
-
 /* Coordinator (peers silent > 1 s are dead), indexer, gate and worker (pulse off, 1 credit each)
- * over inputs; gate_us / worker_us: what each item costs them. */
+ * over inputs; gate_us / worker_us: what each item costs them.  The job gets WATCHDOG_S, its
+ * threads WATCHDOG_GRACE_S more after the stop (pipeline_harness.h). */
 static void run_job(const char *tag, const char *const *inputs, size_t n_inputs, int gate_us,
                     int worker_us, twn_coord_summary *sum, char *dl_path, size_t dl_cap) {
     const char *dir = tu_tmpdir(tag);
-    char out[1100], journal[1200], shard[1200];
+    char out[1100];
     snprintf(out, sizeof out, "%s/out", dir);
-    snprintf(journal, sizeof journal, "%s/journal", out);
-    snprintf(shard, sizeof shard, "%s/shard-00000", out);
     snprintf(dl_path, dl_cap, "%s/dead_letter.jsonl", out);
     assert_int_equal(mkdir(out, 0755), 0);
-    static volatile int stop;
-    stop = 0;
-    void *zctx = zmq_ctx_new();
-    const char *ep = "inproc://le-shard-0", *ctl = "inproc://le-control";
-    job j[4];
-    memset(j, 0, sizeof j);
-    twn_coord_cfg_default(&j[0].cc);
-    j[0].cc.zctx = zctx;
-    j[0].cc.endpoint = ctl;
-    j[0].cc.inputs = inputs;
-    j[0].cc.n_inputs = n_inputs;
-    j[0].cc.unit_items = 64;
-    j[0].cc.journal_path = journal;
-    j[0].cc.dead_letter_path = dl_path;
-    j[0].cc.model_hash = "null";
-    j[0].cc.shards = 1;
-    j[0].cc.shard_endpoints = &ep;
-    j[0].cc.heartbeat_s = 0.2; /* silent for > 1 s: declared dead */
-    j[0].cc.missed_beats = 5;
-    j[0].cc.hard_batch = 16;
-    j[0].cc.stop = &stop;
-    j[0].cc.expect_peers = 3;
-    j[1].kind = 1;
-    twn_indexer_cfg_default(&j[1].ic);
-    j[1].ic.zctx = zctx;
-    j[1].ic.control = ctl;
-    j[1].ic.id = "indexer-0";
-    j[1].ic.endpoint = ep;
-    j[1].ic.dir = shard;
-    j[1].ic.dim = 16;
-    j[1].ic.model = j[1].ic.model_hash = "null";
-    j[1].ic.stop = &stop;
-    for (int k = 2; k < 4; k++) {
-        j[k].kind = k;
-        twn_role_cfg_default(&j[k].rc);
-        j[k].rc.zctx = zctx;
-        j[k].rc.control = ctl;
-        j[k].rc.id = k == 2 ? "gate-0" : "worker-0";
-        j[k].rc.credits = 1;
-        j[k].rc.null_dim = 16;
-        j[k].rc.null_item_us = k == 2 ? gate_us : worker_us;
-        j[k].rc.no_pulse = 1;
-        j[k].rc.stop = &stop;
+    ph_pipeline *p = ph_pipeline_new(tag, out, inputs, n_inputs, 1, 1, 1, 16);
+    twn_coord_cfg *cc = ph_coord(p);
+    cc->unit_items = 64;
+    cc->heartbeat_s = 0.2; /* silent for > 1 s: declared dead */
+    cc->missed_beats = 5;
+    cc->hard_batch = 16;
+    cc->expect_peers = 3;
+    for (int k = 0; k < 2; k++) {
+        twn_role_cfg *rc = ph_sender(p, k); /* the gate, then the worker */
+        rc->credits = 1;
+        rc->null_item_us = k == 0 ? gate_us : worker_us;
+        rc->no_pulse = 1;
     }
-    watchdog wd;
-    watchdog_start(&wd, &stop, tag);
-    pthread_t th[4];
-    pthread_create(&th[1], NULL, job_main, &j[1]);
-    pthread_create(&th[0], NULL, job_main, &j[0]);
-    for (int k = 2; k < 4; k++) pthread_create(&th[k], NULL, job_main, &j[k]);
+    p->deadline_s = WATCHDOG_S;
+    p->grace_s = WATCHDOG_GRACE_S;
     /* as twn run: coordinator, then the indexers, then stop for gates and workers */
-    pthread_join(th[0], NULL);
-    if (j[0].status) stop = 1;
-    pthread_join(th[1], NULL);
-    stop = 1;
-    for (int k = 2; k < 4; k++) pthread_join(th[k], NULL);
-    zmq_ctx_term(zctx);
-    watchdog_end(&wd);
-    for (int k = 0; k < 4; k++)
-        if (j[k].status) fail_msg("role %d: %s", k, j[k].err.msg);
-    *sum = j[0].sum;
+    ph_pipeline_run(p);
+    if (p->timed_out) fail_msg("%s: the job did not finish within %d s", tag, WATCHDOG_S);
+    for (size_t k = 0; k < p->n; k++)
+        if (p->roles[k].status) fail_msg("role %zu: %s", k, p->roles[k].err.msg);
+    *sum = *ph_summary(p);
+    ph_pipeline_free(p);
 }
 
 /* A 48-item unit costs the gate 48 x 60 ms: its first batch of 32 (1.9 s) outlasts
@@ -221,8 +105,8 @@ static void test_unit_lost_three_times(void **st) {
     char small[1024], big[1024], dl[1300];
     snprintf(small, sizeof small, "%s/small.jsonl", dir);
     snprintf(big, sizeof big, "%s/big.jsonl", dir);
-    write_items(big, "b", 48, 0);
-    write_items(small, "q", 8, 0);
+    tc_routed_jsonl(big, "b", 48, 0);
+    tc_routed_jsonl(small, "q", 8, 0);
     /* big first: the gate holds one unit at a time, so the small one waits for its turn */
     const char *inputs[2] = {big, small};
     twn_coord_summary sum;
@@ -248,8 +132,8 @@ static void test_hard_batch_lost_three_times(void **st) {
     char easy[1024], hard[1024], dl[1300];
     snprintf(easy, sizeof easy, "%s/easy.jsonl", dir);
     snprintf(hard, sizeof hard, "%s/hard.jsonl", dir);
-    write_items(easy, "e", 8, 0);
-    write_items(hard, "h", 16, 1);
+    tc_routed_jsonl(easy, "e", 8, 0);
+    tc_routed_jsonl(hard, "h", 16, 1);
     const char *inputs[2] = {easy, hard};
     twn_coord_summary sum;
     run_job("lease-expiry-hard", inputs, 2, 1000, 200000, &sum, dl, sizeof dl);
@@ -317,33 +201,21 @@ static void test_abandoned_lease_leased_again(void **st) {
     snprintf(in, sizeof in, "%s/items.jsonl", dir);
     snprintf(journal, sizeof journal, "%s/journal", dir);
     snprintf(dl, sizeof dl, "%s/dead_letter.jsonl", dir);
-    write_items(in, "a", 5, 0);
+    tc_routed_jsonl(in, "a", 5, 0);
     static volatile int stop;
     stop = 0;
     void *zctx = zmq_ctx_new();
     const char *ep = "inproc://la-shard-0", *ctl = "inproc://la-control";
     const char *inputs[1] = {in};
-    job c;
-    memset(&c, 0, sizeof c);
-    twn_coord_cfg_default(&c.cc);
-    c.cc.zctx = zctx;
-    c.cc.endpoint = ctl;
-    c.cc.inputs = inputs;
-    c.cc.n_inputs = 1;
-    c.cc.journal_path = journal;
-    c.cc.dead_letter_path = dl;
-    c.cc.model_hash = "null";
-    c.cc.shards = 1;
-    c.cc.shard_endpoints = &ep;
+    ph_role c;
+    ph_coord_alone(&c, zctx, ctl, inputs, 1, journal, dl, &ep, &stop);
     c.cc.heartbeat_s = 10;
     c.cc.missed_beats = 5;
     c.cc.cs.unit_lease.lease_s = c.cc.cs.unit_lease.ack_timeout_s = 1000;
     c.cc.cs.unit_lease.heartbeat_s = 10;
-    c.cc.stop = &stop;
-    watchdog wd;
-    watchdog_start(&wd, &stop, "abandon");
-    pthread_t th;
-    pthread_create(&th, NULL, job_main, &c);
+    ph_watchdog wd;
+    ph_watchdog_start(&wd, &stop, NULL, "abandon", WATCHDOG_S, WATCHDOG_GRACE_S);
+    ph_role_start(&c);
 
     fake_gate g = {0};
     g.fo = twn_frame_opts_default();
@@ -402,10 +274,10 @@ static void test_abandoned_lease_leased_again(void **st) {
     } else {
         stop = 1; /* the coordinator returns "stopped" */
     }
-    pthread_join(th, NULL);
+    ph_role_join(&c, WATCHDOG_S + WATCHDOG_GRACE_S); /* the watchdog ends a hang first */
     twn_sock_close(g.dealer);
     zmq_ctx_term(zctx);
-    watchdog_end(&wd);
+    if (ph_watchdog_end(&wd)) fail_msg("abandon: the job did not finish within %d s", WATCHDOG_S);
     if (*failure) fail_msg("%s", failure);
     if (c.status) fail_msg("coordinator: %s", c.err.msg);
     assert_int_equal(c.sum.items, 5);
@@ -418,8 +290,8 @@ static void test_abandoned_lease_leased_again(void **st) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_abandoned_lease_leased_again),
-        cmocka_unit_test(test_unit_lost_three_times),
-        cmocka_unit_test(test_hard_batch_lost_three_times),
+        cmocka_unit_test_teardown(test_unit_lost_three_times, ph_teardown),
+        cmocka_unit_test_teardown(test_hard_batch_lost_three_times, ph_teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

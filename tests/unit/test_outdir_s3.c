@@ -17,58 +17,34 @@
 #include "common/s3.h"
 #include "index/outdir_s3.h"
 #include "tests/testutil.h"
-#include "tests/tools/s3_front.h"
 #include "tests/unit/procs.h"
+#include "tests/unit/s3_peer.h"
 #include "util/mem.h"
 
 #define AK     "TWNOUTAKID"
 #define SECRET "twn-out/Secret+Key42"
 #define BUCKET "twn-out"
 
-static s3_front g_front;
+static s3p g_s3;
 
 static int group_setup(void **state) {
     (void)state;
-    char why[1400];
-    if (s3_front_start(&g_front, TWN_SOURCE_DIR, tu_tmpdir("outdir-s3-front"), AK, SECRET, 300, why,
-                       sizeof why)) {
-        fprintf(stderr, "test_outdir_s3: %s\n", why);
-        return -1;
-    }
-    return 0;
+    return s3p_start(&g_s3, "test_outdir_s3", "outdir-s3-front", AK, SECRET, NULL, 300);
 }
 
 static int group_teardown(void **state) {
     (void)state;
-    s3_front_stop(&g_front);
+    s3p_stop(&g_s3);
     return 0;
 }
 
+/* A client with 5 MiB parts; creates the bucket. */
 static twn_s3 *client(void) {
-    twn_s3_config c = twn_s3_config_default();
-    c.endpoint = g_front.endpoint;
-    c.region = "us-east-1";
-    c.access_key = AK;
-    c.secret_key = SECRET;
-    c.backoff_base_s = 0.01;
-    c.backoff_max_s = 0.05;
+    twn_s3_config c = s3p_config(&g_s3);
     c.part_size = 5u << 20;
-    twn_s3 *s;
-    twn_err err = {{0}};
-    if (twn_s3_open(&c, &s, &err)) fail_msg("%s", err.msg);
-    if (twn_s3_create_bucket(s, BUCKET, &err)) fail_msg("%s", err.msg);
+    twn_s3 *s = s3p_open(&c);
+    s3p_bucket(s, BUCKET);
     return s;
-}
-
-static json_t *front(const char *path, const char *post) {
-    twn_str r = {0};
-    long st = s3_front_control(&g_front, path, post, &r);
-    if (st != 200) fail_msg("%s -> %ld", path, st);
-    json_error_t je;
-    json_t *j = json_loads(r.v, 0, &je);
-    twn_str_free(&r);
-    assert_non_null(j);
-    return j;
 }
 
 static const char *const FILES[] = {"index.faiss", "embeddings.npy", "faiss_ids.npy", "items.jsonl",
@@ -92,28 +68,15 @@ static void make_outdir(const char *dir, size_t index_bytes, uint32_t seed) {
     }
 }
 
-/* The object equals the local file. */
-static void same_object(twn_s3 *s, const char *key, const char *path) {
-    size_t n;
-    char *want = tu_read(path, &n);
-    uint8_t *got;
-    size_t gn;
-    twn_err err = {{0}};
-    if (twn_s3_get(s, BUCKET, key, 64u << 20, &got, &gn, &err)) fail_msg("%s", err.msg);
-    assert_int_equal(gn, n);
-    assert_memory_equal(got, want, n);
-    twn_free(got);
-    free(want);
-}
-
 static void test_upload_manifest_last(void **state) {
     (void)state;
     const char *dir = tu_tmpdir("outdir-s3-one");
     make_outdir(dir, 12u << 20, 1);
     twn_s3 *s = client();
-    json_decref(front("/__twn/reset", "{}"));
-    json_decref(front("/__twn/fault", "{\"kind\": \"500\", \"count\": 1, \"method\": \"PUT\", "
-                                      "\"match\": \"partNumber=2\"}"));
+    json_decref(s3p_control_json(&g_s3, "/__twn/reset", "{}"));
+    json_decref(s3p_control_json(&g_s3, "/__twn/fault",
+                                 "{\"kind\": \"500\", \"count\": 1, \"method\": \"PUT\", "
+                                 "\"match\": \"partNumber=2\"}"));
     twn_err err = {{0}};
     if (twn_outdir_upload(dir, s, "s3://" BUCKET "/jobs/a/shard-00000", &err))
         fail_msg("%s", err.msg);
@@ -121,9 +84,9 @@ static void test_upload_manifest_last(void **state) {
         char key[256], p[1200];
         snprintf(key, sizeof key, "jobs/a/shard-00000/%s", FILES[i]);
         snprintf(p, sizeof p, "%s/%s", dir, FILES[i]);
-        same_object(s, key, p);
+        s3p_same_object(s, BUCKET, key, p);
     }
-    json_t *st = front("/__twn/stats", NULL);
+    json_t *st = s3p_control_json(&g_s3, "/__twn/stats", NULL);
     assert_int_equal(json_integer_value(json_object_get(st, "faults")), 1);
     json_t *log = json_object_get(st, "log");
     /* the upload's requests: index.faiss as initiate + 3 parts (one retried) + complete, then one
@@ -150,7 +113,7 @@ static void test_upload_manifest_last(void **state) {
     char p[1200];
     snprintf(p, sizeof p, "%s/faiss_ids.npy", dir);
     remove(p);
-    json_decref(front("/__twn/reset", "{}"));
+    json_decref(s3p_control_json(&g_s3, "/__twn/reset", "{}"));
     assert_int_equal(twn_outdir_upload(dir, s, "s3://" BUCKET "/jobs/b/", &err), -1);
     char want[1600];
     snprintf(want, sizeof want,
@@ -158,7 +121,7 @@ static void test_upload_manifest_last(void **state) {
              "faiss_ids.npy, items.jsonl and manifest.json",
              dir);
     assert_string_equal(err.msg, want);
-    st = front("/__twn/stats", NULL);
+    st = s3p_control_json(&g_s3, "/__twn/stats", NULL);
     assert_int_equal(json_integer_value(json_object_get(st, "requests")), 0);
     json_decref(st);
     twn_s3_close(s);
@@ -185,10 +148,8 @@ static void test_upload_job(void **state) {
     unsigned long long bytes = 0;
     if (twn_outdir_upload_job(out, 2, s, "s3://" BUCKET "/runs/nightly", &bytes, &err))
         fail_msg("%s", err.msg);
-    twn_s3_objects l = {0};
-    if (twn_s3_list(s, BUCKET, "runs/", &l, &err)) fail_msg("%s", err.msg);
     twn_str keys = {0};
-    for (size_t i = 0; i < l.n; i++) twn_str_printf(&keys, "%s\n", l.v[i].key);
+    s3p_keys(s, BUCKET, "runs/", &keys);
     assert_string_equal(keys.v, "runs/nightly/dead_letter.jsonl\n"
                                 "runs/nightly/shard-00000/embeddings.npy\n"
                                 "runs/nightly/shard-00000/faiss_ids.npy\n"
@@ -203,9 +164,8 @@ static void test_upload_job(void **state) {
     /* 2 x (4096 + 1037 + 1074 + 1111 + 1148) + 16 */
     assert_int_equal(bytes, 2ull * (4096 + 1037 + 1074 + 1111 + 1148) + 16);
     snprintf(p, sizeof p, "%s/shard-00001/snap-000007/items.jsonl", out);
-    same_object(s, "runs/nightly/shard-00001/items.jsonl", p);
+    s3p_same_object(s, BUCKET, "runs/nightly/shard-00001/items.jsonl", p);
     twn_str_free(&keys);
-    twn_s3_objects_free(&l);
 
     /* a shard without a snapshot */
     assert_int_equal(twn_outdir_upload_job(out, 3, s, "s3://" BUCKET "/runs/x", NULL, &err), -1);
@@ -240,7 +200,7 @@ static void test_fleet_s3_out(void **state) {
              "indexer:\n  endpoints: [ipc://%s/s0, ipc://%s/s1]\n"
              "s3:\n  endpoint: %s\n  access_key_id: " AK "\n  secret_access_key: " SECRET "\n"
              "  region: us-east-1\n",
-             in, dir, dir, dir, dir, g_front.endpoint);
+             in, dir, dir, dir, dir, g_s3.front.endpoint);
     snprintf(cfg, sizeof cfg, "%s/job.yaml", dir);
     tu_write(cfg, yaml, strlen(yaml));
     twn_s3 *s = client(); /* creates the bucket */
@@ -284,11 +244,8 @@ static void test_fleet_s3_out(void **state) {
         if (!strstr(log, want)) fail_msg("indexer-%d: no \"%s\" in:\n%s", k, want, log);
         free(log);
     }
-    twn_s3_objects l = {0};
-    twn_err err = {{0}};
-    if (twn_s3_list(s, BUCKET, "fleet/", &l, &err)) fail_msg("%s", err.msg);
     twn_str keys = {0};
-    for (size_t i = 0; i < l.n; i++) twn_str_printf(&keys, "%s\n", l.v[i].key);
+    s3p_keys(s, BUCKET, "fleet/", &keys);
     assert_string_equal(keys.v, "fleet/run1/dead_letter.jsonl\n"
                                 "fleet/run1/shard-00000/embeddings.npy\n"
                                 "fleet/run1/shard-00000/faiss_ids.npy\n"
@@ -302,29 +259,26 @@ static void test_fleet_s3_out(void **state) {
                                 "fleet/run1/shard-00001/manifest.json\n");
     /* byte for byte: the staged dead letters and each shard's current snapshot */
     snprintf(p, sizeof p, "%s/stage/dead_letter.jsonl", dir);
-    same_object(s, "fleet/run1/dead_letter.jsonl", p);
+    s3p_same_object(s, BUCKET, "fleet/run1/dead_letter.jsonl", p);
     size_t n_items = 0;
     for (int k = 0; k < 2; k++) {
-        snprintf(p, sizeof p, "%s/CURRENT", ixdir[k]);
+        char snap[4200];
         size_t n;
-        char *name = tu_read(p, &n);
-        name[strcspn(name, "\r\n ")] = 0;
+        tp_snapshot_dir(ixdir[k], snap, sizeof snap);
         for (int i = 0; i < 5; i++) {
             char key[128], fp[4400];
             snprintf(key, sizeof key, "fleet/run1/shard-%05d/%s", k, FILES[i]);
-            snprintf(fp, sizeof fp, "%s/%s/%s", ixdir[k], name, FILES[i]);
-            same_object(s, key, fp);
+            snprintf(fp, sizeof fp, "%s/%s", snap, FILES[i]);
+            s3p_same_object(s, BUCKET, key, fp);
             if (i == 3) {
                 char *items = tu_read(fp, &n);
                 for (char *c = items; *c; c++) n_items += *c == '\n';
                 free(items);
             }
         }
-        free(name);
     }
     assert_int_equal(n_items, 300); /* every good item, in one shard or the other */
     twn_str_free(&keys);
-    twn_s3_objects_free(&l);
     twn_s3_close(s);
 }
 

@@ -18,7 +18,7 @@
 #include "common/source_io.h"
 #include "common/source_s3.h"
 #include "tests/testutil.h"
-#include "tests/tools/s3_front.h"
+#include "tests/unit/s3_peer.h"
 #include "util/clock.h"
 #include "util/mem.h"
 #include "util/vec.h"
@@ -27,96 +27,23 @@
 #define SECRET "twn-prefetch/Secret+Key01"
 #define BUCKET "twn-pf"
 
-static s3_front g_front;
-
-static twn_s3_config s3_cfg(void) {
-    twn_s3_config c = twn_s3_config_default();
-    c.endpoint = g_front.endpoint;
-    c.region = "us-east-1";
-    c.access_key = AK;
-    c.secret_key = SECRET;
-    c.backoff_base_s = 0.01;
-    c.backoff_max_s = 0.05;
-    return c;
-}
-
-static twn_s3 *client(void) {
-    twn_s3_config c = s3_cfg();
-    twn_s3 *s;
-    twn_err err = {{0}};
-    if (twn_s3_open(&c, &s, &err)) fail_msg("%s", err.msg);
-    return s;
-}
+static s3p g_s3;
 
 static int group_setup(void **state) {
     (void)state;
-    char why[1400];
-    if (s3_front_start(&g_front, TWN_SOURCE_DIR, tu_tmpdir("prefetch-s3"), AK, SECRET, 300, why,
-                       sizeof why)) {
-        fprintf(stderr, "test_prefetch: %s\n", why);
-        return -1;
-    }
-    twn_s3 *s = client();
-    twn_err err = {{0}};
-    int rc = twn_s3_create_bucket(s, BUCKET, &err);
-    twn_s3_close(s);
-    if (rc) fprintf(stderr, "test_prefetch: %s\n", err.msg);
-    return rc;
+    return s3p_start(&g_s3, "test_prefetch", "prefetch-s3", AK, SECRET, BUCKET, 300);
 }
 
 static int group_teardown(void **state) {
     (void)state;
-    s3_front_stop(&g_front);
+    s3p_stop(&g_s3);
     return 0;
-}
-
-static void front_post(const char *path, const char *json) {
-    twn_str r = {0};
-    long st = s3_front_control(&g_front, path, json, &r);
-    if (st != 200) fail_msg("%s -> %ld %s", path, st, r.v ? r.v : "");
-    twn_str_free(&r);
-}
-
-/* The most GETs under `match` that were under way at one time, from the front's log. */
-static int max_overlap(const char *match, int *n_gets) {
-    twn_str r = {0};
-    assert_int_equal(s3_front_control(&g_front, "/__twn/stats", NULL, &r), 200);
-    json_error_t je;
-    json_t *st = json_loads(r.v, 0, &je);
-    twn_str_free(&r);
-    assert_non_null(st);
-    json_t *log = json_object_get(st, "log");
-    size_t n = json_array_size(log);
-    double *t0 = twn_calloc(n + 1, sizeof *t0), *t1 = twn_calloc(n + 1, sizeof *t1);
-    size_t k = 0;
-    for (size_t i = 0; i < n; i++) {
-        json_t *e = json_array_get(log, i);
-        if (strcmp(json_string_value(json_object_get(e, "method")), "GET") ||
-            !strstr(json_string_value(json_object_get(e, "path")), match))
-            continue;
-        t0[k] = json_number_value(json_object_get(e, "t0"));
-        t1[k] = json_number_value(json_object_get(e, "t1"));
-        assert_true(t1[k] >= t0[k]);
-        k++;
-    }
-    int most = 0;
-    for (size_t i = 0; i < k; i++) { /* at each start: how many are under way */
-        int c = 0;
-        for (size_t j = 0; j < k; j++) c += t0[j] <= t0[i] && t1[j] > t0[i];
-        if (c > most) most = c;
-    }
-    *n_gets = (int)k;
-    twn_free(t0);
-    twn_free(t1);
-    json_decref(st);
-    return most;
 }
 
 /* `files` JSONL objects of `lines` lines under prefix ("<prefix>-<f>-<i>" ids, padded text). */
 static void put_objects(const char *prefix, int files, int lines, int pad) {
-    twn_s3 *s = client();
+    twn_s3 *s = s3p_client(&g_s3);
     twn_str b = {0};
-    twn_err err = {{0}};
     for (int f = 0; f < files; f++) {
         twn_str_reset(&b);
         for (int i = 0; i < lines; i++) {
@@ -126,14 +53,14 @@ static void put_objects(const char *prefix, int files, int lines, int pad) {
         }
         char key[128];
         snprintf(key, sizeof key, "%s/part-%02d.jsonl", prefix, f);
-        if (twn_s3_put(s, BUCKET, key, b.v, b.n, &err)) fail_msg("%s", err.msg);
+        s3p_put(s, BUCKET, key, b.v, b.n);
     }
     twn_str_free(&b);
     twn_s3_close(s);
 }
 
 static twn_src_units plan(const char *prefix, uint64_t unit_items) {
-    twn_s3 *s = client();
+    twn_s3 *s = s3p_client(&g_s3);
     twn_src_units units = {0};
     twn_err err = {{0}};
     char uri[128];
@@ -169,7 +96,7 @@ static size_t read_unit(twn_blob *b, const twn_src_unit *u, json_t *ids) {
 static double fetch_all(const twn_src_units *units, int readers, json_t *ids, int *busy_max) {
     twn_prefetch *p;
     twn_err err = {{0}};
-    twn_s3_config cfg = s3_cfg();
+    twn_s3_config cfg = s3p_config(&g_s3);
     assert_int_equal(twn_prefetch_open(&cfg, readers, 0, &p, &err), 0);
     twn_prefetch_job **jobs = twn_calloc(units->n, sizeof *jobs);
     double t0 = twn_now();
@@ -199,18 +126,20 @@ static void test_readers_fetch_concurrently(void **state) {
     twn_src_units units = plan("par", 30); /* 16 units */
     assert_int_equal(units.n, 16);
     /* every object GET from now on: headers, 250 ms of silence, the body */
-    front_post("/__twn/reset", "{}");
-    front_post("/__twn/fault", "{\"kind\": \"slow\", \"count\": 1000, \"delay_ms\": 250, "
-                               "\"method\": \"GET\", \"match\": \"/par/\"}");
+    s3p_post(&g_s3, "/__twn/reset", "{}");
+    s3p_post(&g_s3, "/__twn/fault",
+             "{\"kind\": \"slow\", \"count\": 1000, \"delay_ms\": 250, "
+             "\"method\": \"GET\", \"match\": \"/par/\"}");
     json_t *ids1 = json_object(), *ids4 = json_object();
     int busy1, busy4, gets1, gets4;
     double t1 = fetch_all(&units, 1, ids1, &busy1);
-    int over1 = max_overlap("/par/", &gets1);
-    front_post("/__twn/reset", "{}");
-    front_post("/__twn/fault", "{\"kind\": \"slow\", \"count\": 1000, \"delay_ms\": 250, "
-                               "\"method\": \"GET\", \"match\": \"/par/\"}");
+    int over1 = s3p_max_overlap(&g_s3, "/par/", &gets1);
+    s3p_post(&g_s3, "/__twn/reset", "{}");
+    s3p_post(&g_s3, "/__twn/fault",
+             "{\"kind\": \"slow\", \"count\": 1000, \"delay_ms\": 250, "
+             "\"method\": \"GET\", \"match\": \"/par/\"}");
     double t4 = fetch_all(&units, 4, ids4, &busy4);
-    int over4 = max_overlap("/par/", &gets4);
+    int over4 = s3p_max_overlap(&g_s3, "/par/", &gets4);
     printf("prefetch: 16 units, 250 ms per GET: 1 reader %.2f s (%d GETs, at most %d at once), "
            "4 readers %.2f s (%d GETs, at most %d at once): %.1fx\n",
            t1, gets1, over1, t4, gets4, over4, t1 / t4);
@@ -229,7 +158,7 @@ static void test_readers_fetch_concurrently(void **state) {
     json_decref(ids1);
     json_decref(ids4);
     twn_src_units_free(&units);
-    front_post("/__twn/reset", "{}");
+    s3p_post(&g_s3, "/__twn/reset", "{}");
 }
 
 static void test_bounded_and_fallbacks(void **state) {
@@ -241,7 +170,7 @@ static void test_bounded_and_fallbacks(void **state) {
     assert_true(len > 90000 && len < 100000);
     twn_prefetch *p;
     twn_err err = {{0}};
-    twn_s3_config cfg = s3_cfg();
+    twn_s3_config cfg = s3p_config(&g_s3);
     size_t cap = 120000; /* room for one unit, not for its look-ahead too */
     assert_int_equal(twn_prefetch_open(&cfg, 2, cap, &p, &err), 0);
     twn_prefetch_job *a = twn_prefetch_start(p, &units.v[0]);
@@ -252,7 +181,7 @@ static void test_bounded_and_fallbacks(void **state) {
     twn_prefetch_stats st = twn_prefetch_get_stats(p);
     assert_int_equal(st.held, cap);
     assert_int_equal(st.refused, 1);
-    twn_s3 *s = client();
+    twn_s3 *s = s3p_client(&g_s3);
     json_t *ids = json_object();
     assert_int_equal(read_unit(twn_prefetch_take(a, s), &units.v[0], ids), 100);
     assert_int_equal(twn_prefetch_get_stats(p).held, 0);
@@ -260,7 +189,7 @@ static void test_bounded_and_fallbacks(void **state) {
     /* a cut window: 70000 bytes fetched, the rest of the unit read through s */
     twn_prefetch_close(p);
     assert_int_equal(twn_prefetch_open(&cfg, 2, 70000, &p, &err), 0);
-    front_post("/__twn/reset", "{}");
+    s3p_post(&g_s3, "/__twn/reset", "{}");
     twn_prefetch_job *b = twn_prefetch_start(p, &units.v[1]);
     assert_non_null(b);
     assert_int_equal(twn_prefetch_get_stats(p).held, 70000);

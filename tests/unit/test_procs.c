@@ -12,72 +12,43 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "tests/unit/corpus.h"
 #include "tests/unit/procs.h"
 
 #define N_JSONL 4000
 #define N_TAR   1000
 #define SHARDS  3
 
-static const char *MAKE_TAR = "import io, json, sys, tarfile\n"
-                              "def add(t, name, data):\n"
-                              "    ti = tarfile.TarInfo(name); ti.size = len(data); ti.mtime = 0\n"
-                              "    t.addfile(ti, io.BytesIO(data))\n"
-                              "with tarfile.open(sys.argv[1], 'w', format=tarfile.USTAR_FORMAT) "
-                              "as t:\n"
-                              "    for i in range(int(sys.argv[2])):\n"
-                              "        add(t, '%06d.txt' % i, ('tar item %d' % i).encode())\n"
-                              "        add(t, '%06d.json' % i, json.dumps({'id': 't%05d' % "
-                              "i}).encode())\n";
-
 /* The inputs, once per process: DIR/items.jsonl (n00000..) and DIR/items.tar (t00000..). */
 static const char *make_inputs(void) {
     static char dir[1024];
-    if (dir[0]) return dir;
-    snprintf(dir, sizeof dir, "%s", tu_tmpdir("procs-in"));
-    char p[1200], cmd[4096];
-    snprintf(p, sizeof p, "%s/items.jsonl", dir);
-    FILE *f = fopen(p, "w");
-    assert_non_null(f);
-    for (int i = 0; i < N_JSONL; i++)
-        fprintf(f, "{\"id\": \"n%05d\", \"text\": \"item %d\"}\n", i, i);
-    fclose(f);
-    snprintf(p, sizeof p, "%s/make_tar.py", dir);
-    tu_write(p, MAKE_TAR, strlen(MAKE_TAR));
-    snprintf(cmd, sizeof cmd, "/usr/bin/python3 %s %s/items.tar %d 2>&1", p, dir, N_TAR);
-    char *log = NULL;
-    if (tu_run(cmd, &log)) fail_msg("making the tar: %s", log);
-    free(log);
+    if (!dir[0]) tc_numbered_inputs("procs-in", N_JSONL, 0, N_TAR, 0, dir, sizeof dir);
     return dir;
 }
 
 /* Writes DIR/job.yaml for a job with the given endpoints; returns its path (static). */
 static const char *write_config(const char *dir, const char *control, char eps[SHARDS][256]) {
-    static char path[1200];
     const char *in = make_inputs();
     char yaml[8192];
-    int n = snprintf(yaml, sizeof yaml,
-                     "# written by test_procs.c\n"
-                     "job:\n"
-                     "  inputs:\n"
-                     "    - %s/items.jsonl\n"
-                     "    - %s/items.tar\n"
-                     "  out: %s/out\n"
-                     "  engine: null\n"
-                     "  dim: 16\n"
-                     "  shards: %d\n"
-                     "  unit_items: 250\n"
-                     "coordinator:\n"
-                     "  listen: %s\n"
-                     "  heartbeat_ms: 200\n"
-                     "  connect_timeout_ms: 60000\n"
-                     "indexer:\n"
-                     "  endpoints:\n",
-                     in, in, dir, SHARDS, control);
-    for (int s = 0; s < SHARDS; s++)
-        n += snprintf(yaml + n, sizeof yaml - (size_t)n, "    - %s\n", eps[s]);
-    snprintf(path, sizeof path, "%s/job.yaml", dir);
-    tu_write(path, yaml, strlen(yaml));
-    return path;
+    snprintf(yaml, sizeof yaml,
+             "# written by test_procs.c\n"
+             "job:\n"
+             "  inputs:\n"
+             "    - %s/items.jsonl\n"
+             "    - %s/items.tar\n"
+             "  out: %s/out\n"
+             "  engine: null\n"
+             "  dim: 16\n"
+             "  shards: %d\n"
+             "  unit_items: 250\n"
+             "coordinator:\n"
+             "  listen: %s\n"
+             "  heartbeat_ms: 200\n"
+             "  connect_timeout_ms: 60000\n"
+             "indexer:\n"
+             "  endpoints:\n",
+             in, in, dir, SHARDS, control);
+    return tp_job_yaml(dir, yaml, eps[0], sizeof eps[0], SHARDS);
 }
 
 /* Starts the fleet in an awkward order (gates and worker before anything they talk to), waits
@@ -101,19 +72,12 @@ static void run_fleet(const char *dir, const char *cfg) {
         if (all[i]->status)
             fail_msg("%s exited with %d:%s", all[i]->name, all[i]->status, tp_report());
 
-    char *log = tp_log(coord);
-    unsigned long long units, items, easy, hard, rejected;
-    const char *line = strstr(log, "units ");
-    if (!line) fail_msg("no summary line in the coordinator's log: %s", log);
-    assert_int_equal(sscanf(line, "units %llu items %llu easy %llu hard %llu rejected %llu", &units,
-                            &items, &easy, &hard, &rejected),
-                     5);
-    assert_int_equal(units, N_JSONL / 250 + N_TAR / 250);
-    assert_int_equal(items, N_JSONL + N_TAR);
-    assert_int_equal(easy + hard, N_JSONL + N_TAR);
-    assert_int_equal(rejected, 0);
-    assert_true(hard > 0 && easy > 0); /* both the gates' and the worker's paths ran */
-    free(log);
+    tp_summary sum = tp_summary_of(coord, "the coordinator's log");
+    assert_int_equal(sum.units, N_JSONL / 250 + N_TAR / 250);
+    assert_int_equal(sum.items, N_JSONL + N_TAR);
+    assert_int_equal(sum.easy + sum.hard, N_JSONL + N_TAR);
+    assert_int_equal(sum.rejected, 0);
+    assert_true(sum.hard > 0 && sum.easy > 0); /* both the gates' and the worker's paths ran */
 
     char out[1200];
     snprintf(out, sizeof out, "%s/out", dir);
@@ -132,7 +96,7 @@ static void run_fleet(const char *dir, const char *cfg) {
         if (!it) fail_msg("%s is missing from the index", id);
         n_hard += !strcmp(json_string_value(json_object_get(it, "route")), "hard");
     }
-    assert_int_equal(n_hard, (int)hard);
+    assert_int_equal(n_hard, (int)sum.hard);
     tp_shards_free(&s);
 }
 
@@ -140,8 +104,7 @@ static void test_fleet_over_ipc(void **st) {
     (void)st;
     const char *dir = tu_tmpdir("procs-ipc");
     char control[256], eps[SHARDS][256];
-    snprintf(control, sizeof control, "ipc://%s/ctl", dir);
-    for (int s = 0; s < SHARDS; s++) snprintf(eps[s], sizeof eps[s], "ipc://%s/shard-%d", dir, s);
+    tp_endpoints(dir, 0, control, eps[0], sizeof eps[0], SHARDS);
     run_fleet(dir, write_config(dir, control, eps));
 }
 
@@ -149,9 +112,7 @@ static void test_fleet_over_tcp(void **st) {
     (void)st;
     const char *dir = tu_tmpdir("procs-tcp");
     char control[256], eps[SHARDS][256];
-    snprintf(control, sizeof control, "tcp://127.0.0.1:%d", tp_free_port());
-    for (int s = 0; s < SHARDS; s++)
-        snprintf(eps[s], sizeof eps[s], "tcp://127.0.0.1:%d", tp_free_port());
+    tp_endpoints(dir, 1, control, eps[0], sizeof eps[0], SHARDS);
     run_fleet(dir, write_config(dir, control, eps));
 }
 
@@ -160,8 +121,7 @@ static void test_gate_without_coordinator_ends(void **st) {
     (void)st;
     const char *dir = tu_tmpdir("procs-alone");
     char control[256], eps[SHARDS][256];
-    snprintf(control, sizeof control, "ipc://%s/ctl", dir);
-    for (int s = 0; s < SHARDS; s++) snprintf(eps[s], sizeof eps[s], "ipc://%s/shard-%d", dir, s);
+    tp_endpoints(dir, 0, control, eps[0], sizeof eps[0], SHARDS);
     const char *cfg = write_config(dir, control, eps);
     tp_proc *g = tp_spawn("gate", dir, TWN_BIN, "gate", "--config", cfg,
                           "--coordinator.connect_timeout_ms", "700", NULL);

@@ -17,151 +17,53 @@
  *  - `twn run` with s3:// and kafka:// inputs configured from the environment and an s3:// output:
  *    the staged shard snapshots and dead letters uploaded under the prefix, byte for byte. */
 #include <jansson.h>
-#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <unistd.h>
-#include <zmq.h>
-
-#include <librdkafka/rdkafka.h>
-#include <librdkafka/rdkafka_mock.h>
 
 #include "common/prefetch.h"
 #include "common/source_io.h"
 #include "common/source_s3.h"
-#include "coordinator/journal.h"
-#include "coordinator/service.h"
 #include "gate_service/null_engine.h"
-#include "index/service.h"
 #include "tests/testutil.h"
+#include "tests/unit/corpus.h"
+#include "tests/unit/kafka_peer.h"
+#include "tests/unit/pipeline_harness.h"
+#include "tests/unit/s3_peer.h"
 #include "tests/unit/shard_out.h"
-#include "tests/tools/s3_front.h"
 #include "util/clock.h"
 #include "util/mem.h"
 #include "util/vec.h"
-#include "worker/worker.h"
 
 #define AK     "TWNRUNAKID"
 #define SECRET "twn-run/Secret+Key0123"
 #define BUCKET "twn-run"
 
-static s3_front g_front;
-static rd_kafka_t *g_rk; /* owns the mock cluster */
-static rd_kafka_mock_cluster_t *g_mcl;
-static const char *g_brokers;
-
-static void quiet_log(const rd_kafka_t *rk, int level, const char *fac, const char *buf) {
-    (void)rk, (void)level, (void)fac, (void)buf;
-}
-
-static twn_s3_config s3_cfg(void) {
-    twn_s3_config c = twn_s3_config_default();
-    c.endpoint = g_front.endpoint;
-    c.region = "us-east-1";
-    c.access_key = AK;
-    c.secret_key = SECRET;
-    c.backoff_base_s = 0.01;
-    c.backoff_max_s = 0.05;
-    return c;
-}
-
-static twn_s3 *client(void) {
-    twn_s3_config c = s3_cfg();
-    twn_s3 *s;
-    twn_err err = {{0}};
-    if (twn_s3_open(&c, &s, &err)) fail_msg("%s", err.msg);
-    return s;
-}
+static s3p g_s3;        /* the S3 front */
+static kp_cluster g_kc; /* the Kafka mock cluster (3 brokers) */
 
 static int group_setup(void **state) {
     (void)state;
-    char why[1400];
-    if (s3_front_start(&g_front, TWN_SOURCE_DIR, tu_tmpdir("run-sources-s3"), AK, SECRET, 600, why,
-                       sizeof why)) {
-        fprintf(stderr, "test_run_sources: %s\n", why);
-        return -1;
-    }
-    char errstr[256];
-    rd_kafka_conf_t *conf = rd_kafka_conf_new();
-    rd_kafka_conf_set_log_cb(conf, quiet_log);
-    g_rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errstr, sizeof errstr);
-    if (!g_rk || !(g_mcl = rd_kafka_mock_cluster_new(g_rk, 3))) return -1;
-    g_brokers = rd_kafka_mock_cluster_bootstraps(g_mcl);
-    twn_s3 *s = client();
-    twn_err err = {{0}};
-    int rc = twn_s3_create_bucket(s, BUCKET, &err);
-    twn_s3_close(s);
-    if (rc) fprintf(stderr, "test_run_sources: %s\n", err.msg);
-    return rc;
+    if (s3p_start(&g_s3, "test_run_sources", "run-sources-s3", AK, SECRET, BUCKET, 600)) return -1;
+    return kp_start(&g_kc, 3);
 }
 
 static int group_teardown(void **state) {
     (void)state;
-    if (g_mcl) rd_kafka_mock_cluster_destroy(g_mcl);
-    if (g_rk) rd_kafka_destroy(g_rk);
-    s3_front_stop(&g_front);
+    kp_stop(&g_kc);
+    s3p_stop(&g_s3);
     return 0;
 }
 
 static int brokers_up(void **state) {
     (void)state;
-    for (int b = 1; b <= 3; b++) rd_kafka_mock_broker_set_up(g_mcl, b);
-    return 0;
-}
-
-static void front_post(const char *path, const char *json) {
-    twn_str r = {0};
-    long st = s3_front_control(&g_front, path, json, &r);
-    if (st != 200) fail_msg("%s -> %ld %s", path, st, r.v ? r.v : "");
-    twn_str_free(&r);
-}
-
-static json_t *front_stats(void) {
-    twn_str r = {0};
-    assert_int_equal(s3_front_control(&g_front, "/__twn/stats", NULL, &r), 200);
-    json_error_t je;
-    json_t *j = json_loads(r.v, 0, &je);
-    twn_str_free(&r);
-    assert_non_null(j);
-    return j;
+    kp_brokers_up(&g_kc);
+    return ph_teardown(state);
 }
 
 // ------------------------------------------------------------------------------------------------
 // The pipeline as threads
-
-typedef struct role {
-    int kind; /* 0 coordinator, 1 indexer, 2 gate, 3 worker */
-    twn_coord_cfg cc;
-    twn_coord_summary sum;
-    twn_indexer_cfg ic;
-    twn_role_cfg rc;
-    int status;
-    volatile int finished;
-    twn_err err;
-    char id[32], ep[64], dir[1100];
-} role;
-
-static void *role_main(void *arg) {
-    role *r = arg;
-    switch (r->kind) {
-    case 0:
-        r->status = twn_coord_run(&r->cc, &r->sum, &r->err);
-        break;
-    case 1:
-        r->status = twn_indexer_run(&r->ic, &r->err);
-        break;
-    case 2:
-        r->status = twn_gate_run(&r->rc, &r->err);
-        break;
-    default:
-        r->status = twn_worker_run(&r->rc, &r->err);
-        break;
-    }
-    r->finished = 1;
-    return NULL;
-}
 
 typedef struct job {
     const char *const *inputs;
@@ -176,7 +78,27 @@ typedef struct job {
     void *user;
     twn_prefetch *prefetch; /* the gates' S3 read-ahead pool (NULL: none) */
     uint32_t gate_credits;  /* 0: the default */
+    char out_v[1100];       /* job_init's storage for out and the input */
+    const char *inputs_v[1];
 } job;
+
+/* A job over one input writing to tu_tmpdir(tag)/out, io for every role, items of at most 4096
+ * bytes; the other fields are the test's to set. */
+static void job_init(job *jb, const char *tag, const char *input, const twn_srcio_cfg *io,
+                     int shards, int gates, int workers, uint64_t unit_items) {
+    memset(jb, 0, sizeof *jb);
+    snprintf(jb->out_v, sizeof jb->out_v, "%s/out", tu_tmpdir(tag));
+    jb->inputs_v[0] = input;
+    jb->inputs = jb->inputs_v;
+    jb->n_inputs = 1;
+    jb->out = jb->out_v;
+    jb->shards = shards;
+    jb->gates = gates;
+    jb->workers = workers;
+    jb->unit_items = unit_items;
+    jb->io = io;
+    jb->max_item_bytes = 4096;
+}
 
 typedef struct run_result {
     int status; /* the coordinator's */
@@ -184,152 +106,36 @@ typedef struct run_result {
     char err[TWN_ERR_MAX];
 } run_result;
 
+/* The job with every role as a thread (pipeline_harness.h: deadlines, the drain after the
+ * coordinator, a context shut down under a role still blocked on a vanished coordinator). */
 static run_result run_job(const job *jb) {
-    static int seq;
-    char control[64], journal[1100], dead[1100];
-    int tag = ++seq;
-    snprintf(control, sizeof control, "inproc://src-control-%d", tag);
-    snprintf(journal, sizeof journal, "%s/journal", jb->out);
-    snprintf(dead, sizeof dead, "%s/dead_letter.jsonl", jb->out);
-    mkdir(jb->out, 0755);
-    volatile int stop_coord = 0, stop_rest = 0;
-    void *zctx = zmq_ctx_new();
-    size_t n = 1 + (size_t)jb->shards + (size_t)jb->gates + (size_t)jb->workers;
-    role *roles = twn_calloc(n, sizeof *roles);
-    pthread_t *th = twn_calloc(n, sizeof *th);
-    const char **eps = twn_calloc((size_t)jb->shards, sizeof *eps);
-    role *c = &roles[0];
-    twn_coord_cfg_default(&c->cc);
-    c->cc.zctx = zctx;
-    c->cc.endpoint = control;
-    c->cc.inputs = jb->inputs;
-    c->cc.n_inputs = jb->n_inputs;
-    c->cc.unit_items = jb->unit_items;
-    c->cc.journal_path = journal;
-    c->cc.dead_letter_path = dead;
-    c->cc.model_hash = "null";
-    c->cc.shards = (uint32_t)jb->shards;
-    c->cc.shard_endpoints = eps;
-    c->cc.stop = &stop_coord;
-    c->cc.io = jb->io;
-    for (int s = 0; s < jb->shards; s++) {
-        role *r = &roles[1 + s];
-        r->kind = 1;
-        snprintf(r->ep, sizeof r->ep, "inproc://src-shard-%d-%d", tag, s);
-        snprintf(r->dir, sizeof r->dir, "%s/shard-%05d", jb->out, s);
-        snprintf(r->id, sizeof r->id, "indexer-%d", s);
-        eps[s] = r->ep;
-        twn_indexer_cfg_default(&r->ic);
-        r->ic.zctx = zctx;
-        r->ic.control = control;
-        r->ic.id = r->id;
-        r->ic.endpoint = r->ep;
-        r->ic.dir = r->dir;
-        r->ic.shard = s;
-        r->ic.n_shards = jb->shards;
-        r->ic.dim = 16;
-        r->ic.factory = "Flat";
-        r->ic.model = "null";
-        r->ic.model_hash = "null";
-        r->ic.stop = &stop_rest;
-    }
-    for (int g = 0; g < jb->gates + jb->workers; g++) {
-        role *r = &roles[1 + jb->shards + g];
-        r->kind = g < jb->gates ? 2 : 3;
-        snprintf(r->id, sizeof r->id, g < jb->gates ? "gate-%d" : "worker-%d",
-                 g < jb->gates ? g : g - jb->gates);
-        twn_role_cfg_default(&r->rc);
-        r->rc.zctx = zctx;
-        r->rc.control = control;
-        r->rc.id = r->id;
-        r->rc.null_dim = 16;
-        r->rc.stop = &stop_rest;
-        r->rc.io = jb->io;
-        if (jb->max_item_bytes) r->rc.src.max_item_bytes = jb->max_item_bytes;
-        if (g < jb->gates) {
-            r->rc.prefetch = jb->prefetch;
-            if (jb->gate_credits) r->rc.credits = jb->gate_credits;
+    ph_pipeline *p = ph_pipeline_new("run_job", jb->out, jb->inputs, jb->n_inputs, jb->shards,
+                                     jb->gates, jb->workers, 16);
+    ph_coord(p)->unit_items = jb->unit_items;
+    ph_coord(p)->io = jb->io;
+    for (int k = 0; k < jb->gates + jb->workers; k++) {
+        twn_role_cfg *rc = ph_sender(p, k);
+        rc->io = jb->io;
+        if (jb->max_item_bytes) rc->src.max_item_bytes = jb->max_item_bytes;
+        if (k < jb->gates) {
+            rc->prefetch = jb->prefetch;
+            if (jb->gate_credits) rc->credits = jb->gate_credits;
         }
     }
-    for (size_t i = 1; i <= (size_t)jb->shards; i++)
-        pthread_create(&th[i], NULL, role_main, &roles[i]);
-    pthread_create(&th[0], NULL, role_main, &roles[0]);
-    for (size_t i = 1 + (size_t)jb->shards; i < n; i++)
-        pthread_create(&th[i], NULL, role_main, &roles[i]);
-    while (jb->watch && !stop_coord && !roles[0].finished) {
-        s3_front_nap(0.02);
-        if (jb->watch(jb->user, journal)) stop_coord = 1;
-    }
-    pthread_join(th[0], NULL);
-    /* After the coordinator: the indexers got Shutdown and write their outputs, gates and workers
-     * stop.  A coordinator that failed (stopped mid-job) takes the rest down as if the process
-     * died.  A role still blocked sending to the vanished coordinator (its DEALER sends without
-     * a timeout; seen under ASan when a slow gate outlives the coordinator's shutdown wait) is
-     * released by shutting the context down, and said so. */
-    if (roles[0].status) stop_rest = 1;
-    double until = twn_now() + (roles[0].status ? 1.0 : 30.0);
-    int forced = 0;
-    for (;;) {
-        size_t left = 0;
-        for (size_t i = 1; i < n; i++) left += !roles[i].finished;
-        if (!left) break;
-        if (twn_now() > until) {
-            if (!roles[0].status)
-                printf("run_job: %zu role(s) still running %.0f s after the coordinator ended; "
-                       "shutting the context down\n",
-                       left, 30.0);
-            stop_rest = 1;
-            s3_front_nap(0.5);
-            zmq_ctx_shutdown(zctx);
-            forced = 1;
-            break;
-        }
-        /* indexers first; then gates and workers are told to stop */
-        size_t ix_left = 0;
-        for (size_t i = 1; i <= (size_t)jb->shards; i++) ix_left += !roles[i].finished;
-        if (!ix_left) stop_rest = 1;
-        s3_front_nap(0.01);
-    }
-    for (size_t i = 1; i < n; i++) pthread_join(th[i], NULL);
-    run_result res = {.status = roles[0].status, .sum = roles[0].sum};
-    snprintf(res.err, sizeof res.err, "%s", roles[0].err.msg);
-    if (!roles[0].status)
-        for (size_t i = 1; i < n; i++)
-            if (roles[i].status && !(forced && strstr(roles[i].err.msg, "Context was terminated")))
-                fail_msg("%s failed: %s", roles[i].id, roles[i].err.msg);
-    zmq_ctx_term(zctx);
-    twn_free(roles);
-    twn_free(th);
-    twn_free(eps);
+    p->watch = jb->watch;
+    p->user = jb->user;
+    ph_pipeline_run(p);
+    run_result res = {.status = p->roles[0].status, .sum = p->roles[0].sum};
+    snprintf(res.err, sizeof res.err, "%s", p->roles[0].err.msg);
+    ph_pipeline_check(p);
+    ph_pipeline_free(p);
     return res;
 }
 
 /* UNIT_DONE records in a journal so far, and whether it says the job finished. */
-static int count_done(void *ctx, const twn_jrec *r, twn_err *err) {
-    (void)err;
-    int *c = ctx;
-    if (r->type == TWN_JREC_UNIT_DONE) c[0]++;
-    if (r->type == TWN_JREC_JOB_FINISHED) c[1] = 1;
-    return 0;
-}
-
 static void journal_counts(const char *path, int *done, int *finished) {
-    int c[2] = {0, 0};
-    FILE *f = fopen(path, "rb");
-    if (f) {
-        fseek(f, 0, SEEK_END);
-        long n = ftell(f);
-        fseek(f, 0, SEEK_SET);
-        char *b = malloc((size_t)n + 1);
-        if (fread(b, 1, (size_t)n, f) == (size_t)n) {
-            twn_err err;
-            twn_journal_replay_mem(b, (size_t)n, path, NULL, count_done, c, NULL, &err);
-        }
-        free(b);
-        fclose(f);
-    }
-    *done = c[0];
-    *finished = c[1];
+    twn_err err;
+    ph_journal_counts(path, done, finished, &err); /* a torn tail mid-run counts up to it */
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -363,24 +169,18 @@ static void assert_same_ids(json_t *got, json_t *want) {
 static size_t dead_letters(const char *out, twn_str *reasons) {
     char p[1200];
     snprintf(p, sizeof p, "%s/dead_letter.jsonl", out);
-    json_t *dl = tp_jsonl_read(p);
-    json_t *seen = json_object();
-    size_t i;
-    json_t *d;
-    json_array_foreach(dl, i, d) {
-        json_t *ref = json_object_get(d, "ref");
-        char key[1400];
-        snprintf(key, sizeof key, "%s#%.0f", json_string_value(json_object_get(ref, "path")),
-                 json_number_value(json_object_get(ref, "index")));
-        json_object_set_new(seen, key, json_true());
-        if (reasons) {
+    json_t *seen = tp_dead_letter_refs(p);
+    size_t n = json_object_size(seen);
+    json_decref(seen);
+    if (reasons) {
+        json_t *dl = tp_jsonl_read(p), *d;
+        size_t i;
+        json_array_foreach(dl, i, d) {
             twn_str_printf(reasons, "[%s] %s\n", json_string_value(json_object_get(d, "stage")),
                            json_string_value(json_object_get(d, "reason")));
         }
+        json_decref(dl);
     }
-    size_t n = json_object_size(seen);
-    json_decref(seen);
-    json_decref(dl);
     return n;
 }
 
@@ -390,34 +190,6 @@ static void must_contain(const twn_str *s, const char *what) {
 
 // ------------------------------------------------------------------------------------------------
 // S3 data: JSONL and tar objects
-
-static void put(twn_s3 *s, const char *key, const void *data, size_t n) {
-    twn_err err = {{0}};
-    if (twn_s3_put(s, BUCKET, key, data, n, &err)) fail_msg("%s", err.msg);
-}
-
-/* A ustar member. */
-static void tar_member(twn_str *t, const char *name, const void *data, size_t n) {
-    char h[512];
-    memset(h, 0, sizeof h);
-    snprintf(h, 100, "%s", name);
-    snprintf(h + 100, 8, "%07o", 0644);
-    snprintf(h + 108, 8, "%07o", 0);
-    snprintf(h + 116, 8, "%07o", 0);
-    snprintf(h + 124, 12, "%011o", (unsigned)n);
-    snprintf(h + 136, 12, "%011o", 1700000000u);
-    h[156] = '0';
-    memcpy(h + 257, "ustar", 6);
-    memcpy(h + 263, "00", 2);
-    memset(h + 148, ' ', 8);
-    unsigned sum = 0;
-    for (int i = 0; i < 512; i++) sum += (unsigned char)h[i];
-    snprintf(h + 148, 8, "%06o", sum);
-    twn_str_append(t, h, 512);
-    twn_str_append(t, data, n);
-    static const char zero[512];
-    if (n % 512) twn_str_append(t, zero, 512 - n % 512);
-}
 
 typedef struct s3_data {
     json_t *good; /* ids expected in the index */
@@ -431,12 +203,12 @@ typedef struct s3_data {
  * exists. */
 static s3_data make_s3_data(const char *prefix) {
     s3_data d = {json_object(), 0, 0};
-    twn_s3 *s = client();
+    twn_s3 *s = s3p_client(&g_s3);
     char key[256];
     twn_str b = {0};
     static const uint8_t img[] = {0xff, 0xd8, 0xff, 0xe0, 'f', 'a', 'k', 'e', 0xff, 0xd9};
     snprintf(key, sizeof key, "%s-img/cat.jpg", prefix); /* outside the prefix: not an input */
-    put(s, key, img, sizeof img);
+    s3p_put(s, BUCKET, key, img, sizeof img);
     d.bytes += sizeof img;
     for (int f = 0; f < 3; f++) {
         twn_str_reset(&b);
@@ -469,7 +241,7 @@ static s3_data make_s3_data(const char *prefix) {
             d.bad += 2;
         }
         snprintf(key, sizeof key, "%s/part-%d.jsonl", prefix, f);
-        put(s, key, b.v, b.n);
+        s3p_put(s, BUCKET, key, b.v, b.n);
         d.bytes += b.n;
     }
     for (int f = 0; f < 2; f++) {
@@ -478,16 +250,15 @@ static s3_data make_s3_data(const char *prefix) {
             char name[128], text[64];
             snprintf(name, sizeof name, "%s-t%d-%03d.txt", prefix, f, i);
             snprintf(text, sizeof text, "tar item %d of %d", i, f);
-            tar_member(&b, name, text, strlen(text));
+            tc_tar_member(&b, name, text, strlen(text));
             snprintf(name, sizeof name, "%s-t%d-%03d.jpg", prefix, f, i);
-            tar_member(&b, name, img, sizeof img);
+            tc_tar_member(&b, name, img, sizeof img);
             snprintf(name, sizeof name, "%s-t%d-%03d", prefix, f, i);
             json_object_set_new(d.good, name, json_true());
         }
-        static const char end[1024];
-        twn_str_append(&b, end, sizeof end);
+        tc_tar_end(&b);
         snprintf(key, sizeof key, "%s/shard-%d.tar", prefix, f);
-        put(s, key, b.v, b.n);
+        s3p_put(s, BUCKET, key, b.v, b.n);
         d.bytes += b.n;
     }
     twn_str_free(&b);
@@ -498,37 +269,30 @@ static s3_data make_s3_data(const char *prefix) {
 static twn_srcio_cfg s3_io(void) {
     twn_srcio_cfg io;
     twn_srcio_cfg_default(&io);
-    io.s3 = s3_cfg();
+    io.s3 = s3p_config(&g_s3);
     return io;
 }
 
 static void test_s3_exactly_once_with_faults(void **state) {
     (void)state;
-    const char *dir = tu_tmpdir("run-sources-s3-e2e");
     s3_data d = make_s3_data("e2e");
-    char out[1100], input[64] = "s3://" BUCKET "/e2e/";
-    snprintf(out, sizeof out, "%s/out", dir);
     twn_srcio_cfg io = s3_io();
-    const char *inputs[] = {input};
-    front_post("/__twn/reset", "{}");
+    job jb;
+    job_init(&jb, "run-sources-s3-e2e", "s3://" BUCKET "/e2e/", &io, 3, 2, 2, 100);
+    s3p_post(&g_s3, "/__twn/reset", "{}");
     /* faults on object GETs (the listing and HEADs stay clean, so each rule is used by a read) */
-    front_post("/__twn/fault", "{\"kind\": \"500\", \"count\": 3, \"method\": \"GET\", "
-                               "\"match\": \"/e2e/part-\"}");
-    front_post("/__twn/fault", "{\"kind\": \"reset\", \"count\": 2, \"method\": \"GET\", "
-                               "\"match\": \"/e2e/shard-\"}");
-    front_post("/__twn/fault", "{\"kind\": \"truncate\", \"count\": 2, \"method\": \"GET\", "
-                               "\"match\": \"/e2e/shard-1\"}");
-    front_post("/__twn/fault", "{\"kind\": \"slow\", \"count\": 1, \"delay_ms\": 1500, "
-                               "\"method\": \"GET\", \"match\": \"/e2e/part-2\"}");
-    job jb = {.inputs = inputs,
-              .n_inputs = 1,
-              .out = out,
-              .shards = 3,
-              .gates = 2,
-              .workers = 2,
-              .unit_items = 100,
-              .io = &io,
-              .max_item_bytes = 4096};
+    s3p_post(&g_s3, "/__twn/fault",
+             "{\"kind\": \"500\", \"count\": 3, \"method\": \"GET\", "
+             "\"match\": \"/e2e/part-\"}");
+    s3p_post(&g_s3, "/__twn/fault",
+             "{\"kind\": \"reset\", \"count\": 2, \"method\": \"GET\", "
+             "\"match\": \"/e2e/shard-\"}");
+    s3p_post(&g_s3, "/__twn/fault",
+             "{\"kind\": \"truncate\", \"count\": 2, \"method\": \"GET\", "
+             "\"match\": \"/e2e/shard-1\"}");
+    s3p_post(&g_s3, "/__twn/fault",
+             "{\"kind\": \"slow\", \"count\": 1, \"delay_ms\": 1500, "
+             "\"method\": \"GET\", \"match\": \"/e2e/part-2\"}");
     double t0 = twn_now();
     run_result r = run_job(&jb);
     double secs = twn_now() - t0;
@@ -537,10 +301,10 @@ static void test_s3_exactly_once_with_faults(void **state) {
     assert_int_equal(r.sum.rejected, d.bad);
     assert_int_equal(r.sum.easy + r.sum.hard, 2300);
     assert_true(r.sum.hard > 100 && r.sum.easy > 100); /* both paths ran */
-    json_t *ids = index_ids(out, 3);
+    json_t *ids = index_ids(jb.out, 3);
     assert_same_ids(ids, d.good);
     twn_str reasons = {0};
-    assert_int_equal(dead_letters(out, &reasons), d.bad);
+    assert_int_equal(dead_letters(jb.out, &reasons), d.bad);
     must_contain(&reasons, "[parse] s3://" BUCKET "/e2e/part-0.jsonl: line 501");
     must_contain(&reasons, "invalid JSON");
     must_contain(&reasons, "[parse] s3://" BUCKET "/e2e/part-0.jsonl: line 502");
@@ -551,7 +315,7 @@ static void test_s3_exactly_once_with_faults(void **state) {
     must_contain(&reasons, "[read] item 'ghost-rel': image 's3://" BUCKET
                            "/e2e/img/ghost.jpg' cannot be read");
     must_contain(&reasons, "HTTP 404");
-    json_t *st = front_stats();
+    json_t *st = s3p_stats(&g_s3);
     /* every injected fault was met and retried through */
     assert_int_equal(json_integer_value(json_object_get(st, "faults")), 8);
     /* The coordinator scans each object once to plan, the gates read each unit once (their
@@ -578,7 +342,7 @@ static void test_s3_exactly_once_with_faults(void **state) {
 static void test_s3_prefetch_pipeline(void **state) {
     (void)state;
     const char *dir = tu_tmpdir("run-sources-s3-prefetch");
-    twn_s3 *s = client();
+    twn_s3 *s = s3p_client(&g_s3);
     json_t *want = json_object();
     twn_str b = {0};
     for (int f = 0; f < 8; f++) {
@@ -593,7 +357,7 @@ static void test_s3_prefetch_pipeline(void **state) {
         }
         char key[64];
         snprintf(key, sizeof key, "pfe/part-%d.jsonl", f);
-        put(s, key, b.v, b.n);
+        s3p_put(s, BUCKET, key, b.v, b.n);
     }
     twn_str_free(&b);
     twn_s3_close(s);
@@ -608,9 +372,10 @@ static void test_s3_prefetch_pipeline(void **state) {
         twn_prefetch *pool = NULL;
         twn_err err = {{0}};
         if (!pass) assert_int_equal(twn_prefetch_open(&io.s3, 4, 0, &pool, &err), 0);
-        front_post("/__twn/reset", "{}");
-        front_post("/__twn/fault", "{\"kind\": \"slow\", \"count\": 100000, \"delay_ms\": 100, "
-                                   "\"method\": \"GET\", \"match\": \"/pfe/\"}");
+        s3p_post(&g_s3, "/__twn/reset", "{}");
+        s3p_post(&g_s3, "/__twn/fault",
+                 "{\"kind\": \"slow\", \"count\": 100000, \"delay_ms\": 100, "
+                 "\"method\": \"GET\", \"match\": \"/pfe/\"}");
         job jb = {.inputs = inputs,
                   .n_inputs = 1,
                   .out = out,
@@ -632,7 +397,7 @@ static void test_s3_prefetch_pipeline(void **state) {
         json_t *ids = index_ids(out, 2);
         assert_same_ids(ids, want);
         json_decref(ids);
-        json_t *fst = front_stats(), *log = json_object_get(fst, "log");
+        json_t *fst = s3p_stats(&g_s3), *log = json_object_get(fst, "log");
         size_t gets = 0;
         for (size_t i = 0; i < json_array_size(log); i++)
             gets += !strcmp(json_string_value(json_object_get(json_array_get(log, i), "method")),
@@ -641,7 +406,7 @@ static void test_s3_prefetch_pipeline(void **state) {
         json_decref(fst);
         if (!pass) {
             /* a dropped fetch still under way gives its room back when it ends */
-            for (int i = 0; i < 500 && twn_prefetch_get_stats(pool).held; i++) s3_front_nap(0.01);
+            for (int i = 0; i < 500 && twn_prefetch_get_stats(pool).held; i++) ph_nap(0.01);
             twn_prefetch_stats st = twn_prefetch_get_stats(pool);
             printf("s3 prefetch: %llu of 32 units fetched ahead, at most %d at once, %llu bytes\n",
                    (unsigned long long)st.fetched, st.busy_max, (unsigned long long)st.bytes);
@@ -659,7 +424,7 @@ static void test_s3_prefetch_pipeline(void **state) {
     assert_true(n_gets[0] <= n_gets[1] + 2);
     /* the wall times are printed, not asserted: busy_max and fetched above show the read-ahead */
     json_decref(want);
-    front_post("/__twn/reset", "{}");
+    s3p_post(&g_s3, "/__twn/reset", "{}");
 }
 
 /* Stops the coordinator once `want` units are durably done. */
@@ -683,41 +448,32 @@ static int watch_stop(void *user, const char *journal) {
 
 static void test_s3_coordinator_restart(void **state) {
     (void)state;
-    const char *dir = tu_tmpdir("run-sources-s3-restart");
     s3_data d = make_s3_data("rs");
-    char out[1100], input[64] = "s3://" BUCKET "/rs/";
-    snprintf(out, sizeof out, "%s/out", dir);
     twn_srcio_cfg io = s3_io();
-    const char *inputs[] = {input};
-    front_post("/__twn/reset", "{}");
+    job jb;
+    job_init(&jb, "run-sources-s3-restart", "s3://" BUCKET "/rs/", &io, 2, 1, 1, 50);
+    s3p_post(&g_s3, "/__twn/reset", "{}");
     /* slow bodies keep the first run going long enough to be stopped in the middle */
-    front_post("/__twn/fault", "{\"kind\": \"slow\", \"count\": 6, \"delay_ms\": 300, "
-                               "\"method\": \"GET\", \"match\": \"/rs/\"}");
+    s3p_post(&g_s3, "/__twn/fault",
+             "{\"kind\": \"slow\", \"count\": 6, \"delay_ms\": 300, "
+             "\"method\": \"GET\", \"match\": \"/rs/\"}");
     stop_at sa = {.want = 5};
-    job jb = {.inputs = inputs,
-              .n_inputs = 1,
-              .out = out,
-              .shards = 2,
-              .gates = 1,
-              .workers = 1,
-              .unit_items = 50,
-              .io = &io,
-              .max_item_bytes = 4096,
-              .watch = watch_stop,
-              .user = &sa};
+    jb.watch = watch_stop;
+    jb.user = &sa;
     run_result r1 = run_job(&jb);
     assert_int_equal(r1.status, -1);
     assert_string_equal(r1.err, "coordinator: stopped before the job finished");
     char journal[1200];
-    snprintf(journal, sizeof journal, "%s/journal", out);
+    snprintf(journal, sizeof journal, "%s/journal", jb.out);
     int done1, fin1;
     journal_counts(journal, &done1, &fin1);
     int total_units = 0;
     {
-        twn_s3 *s = client();
+        twn_s3 *s = s3p_client(&g_s3);
         twn_src_units u = {0};
         twn_err err = {{0}};
-        if (twn_src_plan_s3_units(s, input, TWN_SRC_AUTO, 50, &u, &err)) fail_msg("%s", err.msg);
+        if (twn_src_plan_s3_units(s, jb.inputs[0], TWN_SRC_AUTO, 50, &u, &err))
+            fail_msg("%s", err.msg);
         total_units = (int)u.n;
         twn_src_units_free(&u);
         twn_s3_close(s);
@@ -736,42 +492,15 @@ static void test_s3_coordinator_restart(void **state) {
     assert_true(fin2);
     /* units done before the stop were not done again */
     assert_int_equal(done2, total_units);
-    json_t *ids = index_ids(out, 2);
+    json_t *ids = index_ids(jb.out, 2);
     assert_same_ids(ids, d.good);
-    assert_int_equal(dead_letters(out, NULL), d.bad);
+    assert_int_equal(dead_letters(jb.out, NULL), d.bad);
     json_decref(ids);
     json_decref(d.good);
 }
 
 // ------------------------------------------------------------------------------------------------
 // Kafka
-
-static rd_kafka_t *producer(void) {
-    char errstr[256];
-    rd_kafka_conf_t *conf = rd_kafka_conf_new();
-    rd_kafka_conf_set_log_cb(conf, quiet_log);
-    assert_int_equal(rd_kafka_conf_set(conf, "bootstrap.servers", g_brokers, errstr, sizeof errstr),
-                     RD_KAFKA_CONF_OK);
-    assert_int_equal(rd_kafka_conf_set(conf, "enable.idempotence", "true", errstr, sizeof errstr),
-                     RD_KAFKA_CONF_OK);
-    rd_kafka_t *p = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errstr, sizeof errstr);
-    assert_non_null(p);
-    return p;
-}
-
-static void produce(rd_kafka_t *p, const char *topic, int32_t part, const char *key,
-                    const void *value, size_t len) {
-    rd_kafka_resp_err_t e;
-    for (;;) {
-        e = rd_kafka_producev(p, RD_KAFKA_V_TOPIC(topic), RD_KAFKA_V_PARTITION(part),
-                              RD_KAFKA_V_KEY(key, key ? strlen(key) : 0),
-                              RD_KAFKA_V_VALUE((void *)value, len),
-                              RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY), RD_KAFKA_V_END);
-        if (e != RD_KAFKA_RESP_ERR__QUEUE_FULL) break;
-        rd_kafka_poll(p, 10);
-    }
-    assert_int_equal(e, 0);
-}
 
 typedef struct kafka_data {
     json_t *good;
@@ -785,8 +514,8 @@ typedef struct kafka_data {
  * over kafka.max_inline_image_bytes. */
 static kafka_data make_kafka_data(const char *topic) {
     kafka_data d = {json_object(), 0, {0}};
-    assert_int_equal(rd_kafka_mock_topic_create(g_mcl, topic, 6, 3), 0);
-    rd_kafka_t *p = producer();
+    assert_int_equal(rd_kafka_mock_topic_create(g_kc.mcl, topic, 6, 3), 0);
+    rd_kafka_t *p = kp_producer(&g_kc, "enable.idempotence", "true", NULL);
     twn_str s = {0};
     for (int i = 0; i < 3000; i++) {
         char id[64];
@@ -801,7 +530,7 @@ static kafka_data make_kafka_data(const char *topic) {
                            id);
         else
             twn_str_printf(&s, "{\"id\": \"%s\", \"text\": \"record %d\"}", id, i);
-        produce(p, topic, i % 6, id, s.v, s.n);
+        kp_produce(p, topic, i % 6, id, s.v, s.n);
         json_object_set_new(d.good, id, json_true());
         if (i % 500 == 250) { /* six bad records spread over the partitions */
             int b = i / 500;
@@ -833,15 +562,12 @@ static kafka_data make_kafka_data(const char *topic) {
                 twn_str_printf(&s, "\"}");
                 break;
             }
-            produce(p, topic, b, bid, s.v, s.n);
+            kp_produce(p, topic, b, bid, s.v, s.n);
             d.bad++;
         }
     }
-    assert_int_equal(rd_kafka_flush(p, 20000), 0);
-    for (int k = 0; k < 6; k++) {
-        int64_t lo;
-        assert_int_equal(rd_kafka_query_watermark_offsets(p, topic, k, &lo, &d.hw[k], 10000), 0);
-    }
+    kp_flush(p);
+    kp_high_water(p, topic, 6, d.hw, 10000);
     rd_kafka_destroy(p);
     twn_str_free(&s);
     return d;
@@ -849,7 +575,7 @@ static kafka_data make_kafka_data(const char *topic) {
 
 static twn_srcio_cfg kafka_io(const char *group) {
     twn_srcio_cfg io = s3_io();
-    io.kafka.brokers = g_brokers;
+    io.kafka.brokers = g_kc.brokers;
     io.kafka.group = group;
     io.kafka.read_timeout_ms = 30000;
     io.kafka.op_timeout_ms = 3000;
@@ -858,15 +584,7 @@ static twn_srcio_cfg kafka_io(const char *group) {
 }
 
 static void committed(const char *topic, const char *group, int64_t out[6]) {
-    twn_kafka_config c = twn_kafka_config_default();
-    c.brokers = g_brokers;
-    c.group = group;
-    twn_kafka *k;
-    twn_err err = {{0}};
-    if (twn_kafka_open(&c, &k, &err)) fail_msg("%s", err.msg);
-    for (int p = 0; p < 6; p++)
-        if (twn_kafka_committed(k, topic, p, &out[p], &err)) fail_msg("%s", err.msg);
-    twn_kafka_close(k);
+    kp_committed(&g_kc, topic, group, 6, out);
 }
 
 /* Mid-run (once 8 units are done): broker 2 goes down and the leaders of its partitions move to
@@ -881,15 +599,15 @@ static int watch_chaos(void *user, const char *journal) {
     int done, fin;
     journal_counts(journal, &done, &fin);
     if (c->phase == 0 && done >= 8) {
-        rd_kafka_mock_broker_set_down(g_mcl, 2);
-        for (int p = 0; p < 6; p++) rd_kafka_mock_partition_set_leader(g_mcl, "stream", p, 3);
+        rd_kafka_mock_broker_set_down(g_kc.mcl, 2);
+        for (int p = 0; p < 6; p++) rd_kafka_mock_partition_set_leader(g_kc.mcl, "stream", p, 3);
         c->phase = 1;
         c->t_down = twn_now();
     } else if (c->phase == 1 && (twn_now() - c->t_down > 2.0 || done >= 24)) {
         /* back up after 2 s, or sooner when the job has moved on (24 of its 60 units done): a
          * fast run must still see the broker return before it ends */
-        rd_kafka_mock_broker_set_up(g_mcl, 2);
-        for (int p = 0; p < 6; p += 2) rd_kafka_mock_partition_set_leader(g_mcl, "stream", p, 2);
+        rd_kafka_mock_broker_set_up(g_kc.mcl, 2);
+        for (int p = 0; p < 6; p += 2) rd_kafka_mock_partition_set_leader(g_kc.mcl, "stream", p, 2);
         c->phase = 2;
     }
     (void)fin;
@@ -898,28 +616,17 @@ static int watch_chaos(void *user, const char *journal) {
 
 static void test_kafka_exactly_once_failover(void **state) {
     (void)state;
-    const char *dir = tu_tmpdir("run-sources-kafka");
     kafka_data d = make_kafka_data("stream");
     /* the group coordinator stays on broker 1; leaders start on broker 2 */
-    assert_int_equal(rd_kafka_mock_coordinator_set(g_mcl, "group", "indexers", 1), 0);
+    assert_int_equal(rd_kafka_mock_coordinator_set(g_kc.mcl, "group", "indexers", 1), 0);
     for (int p = 0; p < 6; p++)
-        assert_int_equal(rd_kafka_mock_partition_set_leader(g_mcl, "stream", p, 2), 0);
-    char out[1100];
-    snprintf(out, sizeof out, "%s/out", dir);
+        assert_int_equal(rd_kafka_mock_partition_set_leader(g_kc.mcl, "stream", p, 2), 0);
     twn_srcio_cfg io = kafka_io("indexers");
-    const char *inputs[] = {"kafka://stream"};
     chaos ch = {0};
-    job jb = {.inputs = inputs,
-              .n_inputs = 1,
-              .out = out,
-              .shards = 3,
-              .gates = 3,
-              .workers = 2,
-              .unit_items = 50,
-              .io = &io,
-              .max_item_bytes = 4096,
-              .watch = watch_chaos,
-              .user = &ch};
+    job jb;
+    job_init(&jb, "run-sources-kafka", "kafka://stream", &io, 3, 3, 2, 50);
+    jb.watch = watch_chaos;
+    jb.user = &ch;
     double t0 = twn_now();
     run_result r = run_job(&jb);
     if (r.status) fail_msg("coordinator: %s", r.err);
@@ -928,10 +635,10 @@ static void test_kafka_exactly_once_failover(void **state) {
     assert_int_equal(ch.phase, 2); /* the broker went down and came back during the run */
     assert_int_equal(r.sum.items, 3000 + d.bad);
     assert_int_equal(r.sum.rejected, d.bad);
-    json_t *ids = index_ids(out, 3);
+    json_t *ids = index_ids(jb.out, 3);
     assert_same_ids(ids, d.good);
     twn_str reasons = {0};
-    assert_int_equal(dead_letters(out, &reasons), d.bad);
+    assert_int_equal(dead_letters(jb.out, &reasons), d.bad);
     must_contain(&reasons, "[parse] kafka stream[0]@");
     must_contain(&reasons, "invalid JSON");
     must_contain(&reasons, "the item has neither \"text\" nor an image");
@@ -965,25 +672,14 @@ static int some_committed(void *user) {
 
 static void test_kafka_coordinator_restart(void **state) {
     (void)state;
-    const char *dir = tu_tmpdir("run-sources-kafka-restart");
     kafka_data d = make_kafka_data("resume");
-    char out[1100];
-    snprintf(out, sizeof out, "%s/out", dir);
     twn_srcio_cfg io = kafka_io("resumers");
-    const char *inputs[] = {"kafka://resume"};
     commit_seen cs = {"resume", "resumers"};
     stop_at sa = {.want = 12, .extra = some_committed, .extra_user = &cs};
-    job jb = {.inputs = inputs,
-              .n_inputs = 1,
-              .out = out,
-              .shards = 2,
-              .gates = 1,
-              .workers = 1,
-              .unit_items = 20,
-              .io = &io,
-              .max_item_bytes = 4096,
-              .watch = watch_stop,
-              .user = &sa};
+    job jb;
+    job_init(&jb, "run-sources-kafka-restart", "kafka://resume", &io, 2, 1, 1, 20);
+    jb.watch = watch_stop;
+    jb.user = &sa;
     run_result r1 = run_job(&jb);
     assert_int_equal(r1.status, -1);
     int64_t c1[6], sum1 = 0, total = 0;
@@ -1005,9 +701,9 @@ static void test_kafka_coordinator_restart(void **state) {
     int64_t c2[6];
     committed("resume", "resumers", c2);
     for (int p = 0; p < 6; p++) assert_int_equal(c2[p], d.hw[p]);
-    json_t *ids = index_ids(out, 2);
+    json_t *ids = index_ids(jb.out, 2);
     assert_same_ids(ids, d.good);
-    assert_int_equal(dead_letters(out, NULL), d.bad);
+    assert_int_equal(dead_letters(jb.out, NULL), d.bad);
     json_decref(ids);
     json_decref(d.good);
 }
@@ -1031,7 +727,7 @@ static void test_twn_run_cli(void **state) {
              "%s run --engine null --dim 16 --input s3://" BUCKET "/cli/ kafka://clitopic "
              "--out s3://" BUCKET "/outputs/cli --coordinator.journal %s/journal --shards 2 "
              "--unit-items 200 2>&1",
-             g_front.endpoint, g_brokers, TWN_BIN, stage);
+             g_s3.front.endpoint, g_kc.brokers, TWN_BIN, stage);
     char *log = NULL;
     int rc = tu_run(cmd, &log);
     if (rc) fail_msg("twn run failed (%d): %s", rc, log);
@@ -1051,12 +747,9 @@ static void test_twn_run_cli(void **state) {
     assert_same_ids(ids, d.good);
 
     /* the outputs in S3: every shard's files, byte for byte what was staged */
-    twn_s3 *s = client();
-    twn_s3_objects l = {0};
-    twn_err err = {{0}};
-    if (twn_s3_list(s, BUCKET, "outputs/cli/", &l, &err)) fail_msg("%s", err.msg);
+    twn_s3 *s = s3p_client(&g_s3);
     twn_str keys = {0};
-    for (size_t i = 0; i < l.n; i++) twn_str_printf(&keys, "%s\n", l.v[i].key);
+    s3p_keys(s, BUCKET, "outputs/cli/", &keys);
     assert_string_equal(keys.v, "outputs/cli/dead_letter.jsonl\n"
                                 "outputs/cli/shard-00000/embeddings.npy\n"
                                 "outputs/cli/shard-00000/faiss_ids.npy\n"
@@ -1069,25 +762,14 @@ static void test_twn_run_cli(void **state) {
                                 "outputs/cli/shard-00001/items.jsonl\n"
                                 "outputs/cli/shard-00001/manifest.json\n");
     for (int k2 = 0; k2 < 2; k2++) {
-        char cur[1200], p[1400], key[128];
-        snprintf(cur, sizeof cur, "%s/shard-%05d/CURRENT", stage, k2);
-        size_t n;
-        char *name = tu_read(cur, &n);
-        name[strcspn(name, "\n")] = 0;
-        snprintf(p, sizeof p, "%s/shard-%05d/%s/items.jsonl", stage, k2, name);
-        free(name);
+        char shard[1200], snap[1400], p[1500], key[128];
+        snprintf(shard, sizeof shard, "%s/shard-%05d", stage, k2);
+        tp_snapshot_dir(shard, snap, sizeof snap);
+        snprintf(p, sizeof p, "%s/items.jsonl", snap);
         snprintf(key, sizeof key, "outputs/cli/shard-%05d/items.jsonl", k2);
-        char *want_b = tu_read(p, &n);
-        uint8_t *got;
-        size_t gn;
-        if (twn_s3_get(s, BUCKET, key, 64u << 20, &got, &gn, &err)) fail_msg("%s", err.msg);
-        assert_int_equal(gn, n);
-        assert_memory_equal(got, want_b, n);
-        twn_free(got);
-        free(want_b);
+        s3p_same_object(s, BUCKET, key, p);
     }
     twn_str_free(&keys);
-    twn_s3_objects_free(&l);
     twn_s3_close(s);
     json_decref(ids);
     json_decref(d.good);
@@ -1096,11 +778,11 @@ static void test_twn_run_cli(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_s3_exactly_once_with_faults),
-        cmocka_unit_test(test_s3_coordinator_restart),
-        cmocka_unit_test(test_s3_prefetch_pipeline),
+        cmocka_unit_test_teardown(test_s3_exactly_once_with_faults, ph_teardown),
+        cmocka_unit_test_teardown(test_s3_coordinator_restart, ph_teardown),
+        cmocka_unit_test_teardown(test_s3_prefetch_pipeline, ph_teardown),
         cmocka_unit_test_teardown(test_kafka_exactly_once_failover, brokers_up),
-        cmocka_unit_test(test_kafka_coordinator_restart),
+        cmocka_unit_test_teardown(test_kafka_coordinator_restart, ph_teardown),
         cmocka_unit_test(test_twn_run_cli),
     };
     if (getenv("TWN_TEST_FILTER")) cmocka_set_test_filter(getenv("TWN_TEST_FILTER"));

@@ -20,7 +20,7 @@
 #include "common/s3.h"
 #include "common/source_s3.h"
 #include "tests/testutil.h"
-#include "tests/tools/s3_front.h"
+#include "tests/unit/s3_peer.h"
 #include "util/clock.h"
 #include "util/mem.h"
 
@@ -28,74 +28,32 @@
 #define SECRET "twn-Secret/Key+0123456789abcdefXYZ"
 #define BUCKET "twn-test"
 
-static s3_front g_front;
-static char g_dir[1024];
+static s3p g_s3;
 
 static int group_setup(void **state) {
     (void)state;
-    snprintf(g_dir, sizeof g_dir, "%s", tu_tmpdir("s3"));
-    char why[1400];
-    if (s3_front_start(&g_front, TWN_SOURCE_DIR, g_dir, AK, SECRET, 300, why, sizeof why)) {
-        fprintf(stderr, "test_s3: %s\n", why);
-        return -1;
-    }
-    return 0;
+    return s3p_start(&g_s3, "test_s3", "s3", AK, SECRET, NULL, 300);
 }
 
 static int group_teardown(void **state) {
     (void)state;
-    s3_front_stop(&g_front);
+    s3p_stop(&g_s3);
     return 0;
 }
 
 static twn_s3_config cfg_for(const char *secret) {
-    twn_s3_config c = twn_s3_config_default();
-    c.endpoint = g_front.endpoint;
-    c.region = "us-east-1";
-    c.access_key = AK;
+    twn_s3_config c = s3p_config(&g_s3);
     c.secret_key = secret;
-    c.backoff_base_s = 0.01;
-    c.backoff_max_s = 0.05;
     return c;
 }
 
 static twn_s3 *client(const char *secret) {
     twn_s3_config c = cfg_for(secret);
-    twn_s3 *s;
-    twn_err err = {{0}};
-    if (twn_s3_open(&c, &s, &err)) fail_msg("%s", err.msg);
-    return s;
-}
-
-static json_t *front_stats(void) {
-    twn_str r = {0};
-    assert_int_equal(s3_front_control(&g_front, "/__twn/stats", NULL, &r), 200);
-    json_error_t je;
-    json_t *j = json_loads(r.v, 0, &je);
-    twn_str_free(&r);
-    assert_non_null(j);
-    return j;
+    return s3p_open(&c);
 }
 
 static long long stat_int(json_t *j, const char *k) {
     return json_integer_value(json_object_get(j, k));
-}
-
-static void front_post(const char *path, const char *json) {
-    twn_str r = {0};
-    long st = s3_front_control(&g_front, path, json, &r);
-    if (st != 200) fail_msg("%s -> %ld %s", path, st, r.v ? r.v : "");
-    twn_str_free(&r);
-}
-
-static void put(twn_s3 *s, const char *key, const void *data, size_t n) {
-    twn_err err = {{0}};
-    if (twn_s3_put(s, BUCKET, key, data, n, &err)) fail_msg("%s", err.msg);
-}
-
-static void make_bucket(twn_s3 *s) {
-    twn_err err = {{0}};
-    if (twn_s3_create_bucket(s, BUCKET, &err)) fail_msg("%s", err.msg);
 }
 
 static uint8_t *random_bytes(size_t n, uint32_t seed) {
@@ -157,7 +115,7 @@ static void test_uri_and_config(void **state) {
     assert_int_equal(twn_s3_open(&c, &s, &err), -1);
     assert_string_equal(err.msg, "s3: endpoint 'ftp://127.0.0.1:9' must start with http:// or "
                                  "https://");
-    c.endpoint = g_front.endpoint;
+    c.endpoint = g_s3.front.endpoint;
     c.part_size = 1 << 20;
     assert_int_equal(twn_s3_open(&c, &s, &err), -1);
     assert_string_equal(err.msg, "s3: part_size 1048576 is below S3's minimum part size 5242880");
@@ -166,10 +124,10 @@ static void test_uri_and_config(void **state) {
     setenv("AWS_ACCESS_KEY_ID", AK, 1);
     setenv("AWS_SECRET_ACCESS_KEY", SECRET, 1);
     setenv("AWS_REGION", "us-east-1", 1);
-    setenv("AWS_ENDPOINT_URL", g_front.endpoint, 1);
+    setenv("AWS_ENDPOINT_URL", g_s3.front.endpoint, 1);
     assert_int_equal(twn_s3_open(NULL, &s, &err), 0);
-    make_bucket(s);
-    put(s, "env/hello.txt", "hello", 5);
+    s3p_bucket(s, BUCKET);
+    s3p_put(s, BUCKET, "env/hello.txt", "hello", 5);
     uint64_t size = 0;
     char etag[128];
     if (twn_s3_head(s, BUCKET, "env/hello.txt", &size, etag, sizeof etag, &err))
@@ -195,19 +153,19 @@ static void test_uri_and_config(void **state) {
 static void test_wrong_secret(void **state) {
     (void)state;
     twn_s3 *good = client(SECRET);
-    make_bucket(good);
-    put(good, "sig/data.jsonl", "{\"id\": 1, \"text\": \"x\"}\n", 23);
+    s3p_bucket(good, BUCKET);
+    s3p_put(good, BUCKET, "sig/data.jsonl", "{\"id\": 1, \"text\": \"x\"}\n", 23);
     twn_s3_close(good);
 
     const char *wrong = "WRONG-secret-7f3a9c2e1d";
     twn_s3 *s = client(wrong);
-    front_post("/__twn/reset", "{}");
+    s3p_post(&g_s3, "/__twn/reset", "{}");
     char buf[16];
     size_t got = 99;
     twn_err err = {{0}};
     assert_int_equal(twn_s3_get_range(s, BUCKET, "sig/data.jsonl", NULL, 0, 10, buf, &got, &err),
                      -1);
-    json_t *st = front_stats();
+    json_t *st = s3p_stats(&g_s3);
     const char *rid = json_string_value(json_object_get(st, "last_request_id"));
     char want[512];
     snprintf(want, sizeof want,
@@ -232,7 +190,7 @@ static void test_wrong_secret(void **state) {
     twn_s3_close(s);
 
     /* session tokens: required by the front from now on, sent and signed by the client */
-    front_post("/__twn/config", "{\"token\": \"TOKEN-abc/123+=\"}");
+    s3p_post(&g_s3, "/__twn/config", "{\"token\": \"TOKEN-abc/123+=\"}");
     s = client(SECRET);
     assert_int_equal(twn_s3_get_range(s, BUCKET, "sig/data.jsonl", NULL, 0, 10, buf, &got, &err),
                      -1);
@@ -246,19 +204,19 @@ static void test_wrong_secret(void **state) {
     assert_int_equal(got, 10);
     assert_memory_equal(buf, "{\"id\": 1, ", 10);
     twn_s3_close(s);
-    front_post("/__twn/config", "{\"token\": \"\"}");
+    s3p_post(&g_s3, "/__twn/config", "{\"token\": \"\"}");
 }
 
 static void test_keys_ranges_reuse(void **state) {
     (void)state;
     twn_s3 *s = client(SECRET);
-    make_bucket(s);
+    s3p_bucket(s, BUCKET);
     const char *keys[] = {"odd/a b+c=d&e%f~g.bin", "odd/caf\xc3\xa9/\xe6\x97\xa5\xe6\x9c\xac.bin",
                           "odd/semi;colon,comma!(paren)*'q'.bin"};
     size_t n = 300000;
     uint8_t *data = random_bytes(n, 7);
     twn_err err = {{0}};
-    for (size_t i = 0; i < 3; i++) put(s, keys[i], data, n);
+    for (size_t i = 0; i < 3; i++) s3p_put(s, BUCKET, keys[i], data, n);
     twn_s3_objects objs = {0};
     if (twn_s3_list(s, BUCKET, "odd/", &objs, &err)) fail_msg("%s", err.msg);
     assert_int_equal(objs.n, 3);
@@ -340,13 +298,13 @@ static void test_keys_ranges_reuse(void **state) {
 static void test_list_pages(void **state) {
     (void)state;
     twn_s3 *s = client(SECRET);
-    make_bucket(s);
+    s3p_bucket(s, BUCKET);
     char key[64];
     for (int i = 0; i < 1100; i++) {
         snprintf(key, sizeof key, "many/obj-%05d.txt", i);
-        put(s, key, key, strlen(key));
+        s3p_put(s, BUCKET, key, key, strlen(key));
     }
-    put(s, "manyx/not-under-the-prefix", "x", 1);
+    s3p_put(s, BUCKET, "manyx/not-under-the-prefix", "x", 1);
     twn_s3_close(s);
 
     for (int pass = 0; pass < 2; pass++) {
@@ -355,7 +313,7 @@ static void test_list_pages(void **state) {
         twn_s3 *l;
         twn_err err = {{0}};
         assert_int_equal(twn_s3_open(&c, &l, &err), 0);
-        front_post("/__twn/reset", "{}");
+        s3p_post(&g_s3, "/__twn/reset", "{}");
         twn_s3_objects objs = {0};
         if (twn_s3_list(l, BUCKET, "many/", &objs, &err)) fail_msg("%s", err.msg);
         assert_int_equal(objs.n, 1100);
@@ -365,7 +323,7 @@ static void test_list_pages(void **state) {
             assert_int_equal(objs.v[i].size, strlen(key));
             assert_int_equal(strlen(objs.v[i].etag), 34);
         }
-        json_t *st = front_stats();
+        json_t *st = s3p_stats(&g_s3);
         assert_int_equal(stat_int(st, "requests"), pass == 0 ? 5 : 2);
         json_t *log = json_object_get(st, "log");
         const char *p0 = json_string_value(json_object_get(json_array_get(log, 0), "path"));
@@ -558,13 +516,13 @@ static void test_plan_and_read(void **state) {
     free(out);
 
     twn_s3 *s = client(SECRET);
-    make_bucket(s);
+    s3p_bucket(s, BUCKET);
     unsigned parts_j = 9, parts_t = 0;
     upload_file(s, jsonl, "docs/part-0.jsonl", &parts_j);
     upload_file(s, tar, "docs/shard-0.tar", &parts_t);
     assert_int_equal(parts_j, 0); /* small: one PUT */
     assert_int_equal(parts_t, 1); /* ~13.6 MiB: one 8 MiB part before finish, the rest at finish */
-    put(s, "docs/", "", 0);       /* a console folder marker: skipped */
+    s3p_put(s, BUCKET, "docs/", "", 0); /* a console folder marker: skipped */
 
     for (uint64_t per = 1; per <= 64; per *= 8) {
         twn_src_units lu = {0}, su = {0};
@@ -674,16 +632,16 @@ static void test_plan_and_read(void **state) {
 static void test_retries(void **state) {
     (void)state;
     twn_s3 *s = client(SECRET);
-    make_bucket(s);
+    s3p_bucket(s, BUCKET);
     size_t n = 200000;
     uint8_t *data = random_bytes(n, 11), *buf = malloc(n);
-    put(s, "faults/obj.bin", data, n);
+    s3p_put(s, BUCKET, "faults/obj.bin", data, n);
     twn_err err = {{0}};
     size_t got;
 
     /* two 500s, then success */
-    front_post("/__twn/reset", "{}");
-    front_post("/__twn/fault", "{\"kind\": \"500\", \"count\": 2, \"match\": \"faults/obj\"}");
+    s3p_post(&g_s3, "/__twn/reset", "{}");
+    s3p_post(&g_s3, "/__twn/fault", "{\"kind\": \"500\", \"count\": 2, \"match\": \"faults/obj\"}");
     twn_s3_stats b0 = twn_s3_get_stats(s);
     if (twn_s3_get_range(s, BUCKET, "faults/obj.bin", NULL, 1000, 5000, buf, &got, &err))
         fail_msg("%s", err.msg);
@@ -695,28 +653,30 @@ static void test_retries(void **state) {
 
     /* connection resets before any byte, twice (curl itself retries the first reset of a
      * reused connection once on a fresh one, so the client counts one or two retries) */
-    front_post("/__twn/reset", "{}");
-    front_post("/__twn/fault", "{\"kind\": \"reset\", \"count\": 2, \"match\": \"faults/obj\"}");
+    s3p_post(&g_s3, "/__twn/reset", "{}");
+    s3p_post(&g_s3, "/__twn/fault",
+             "{\"kind\": \"reset\", \"count\": 2, \"match\": \"faults/obj\"}");
     if (twn_s3_get_range(s, BUCKET, "faults/obj.bin", NULL, 0, n, buf, &got, &err))
         fail_msg("%s", err.msg);
     assert_int_equal(got, n);
     assert_memory_equal(buf, data, n);
     b0 = twn_s3_get_stats(s);
     assert_true(b0.retries - b1.retries >= 1);
-    json_t *st = front_stats();
+    json_t *st = s3p_stats(&g_s3);
     assert_int_equal(stat_int(st, "requests"), 3);
     assert_int_equal(stat_int(st, "faults"), 2);
     json_decref(st);
 
     /* a body cut in half: the retry asks only for the missing second half */
-    front_post("/__twn/reset", "{}");
-    front_post("/__twn/fault", "{\"kind\": \"truncate\", \"count\": 1, \"match\": \"faults/obj\"}");
+    s3p_post(&g_s3, "/__twn/reset", "{}");
+    s3p_post(&g_s3, "/__twn/fault",
+             "{\"kind\": \"truncate\", \"count\": 1, \"match\": \"faults/obj\"}");
     memset(buf, 0, n);
     if (twn_s3_get_range(s, BUCKET, "faults/obj.bin", NULL, 10000, 100000, buf, &got, &err))
         fail_msg("%s", err.msg);
     assert_int_equal(got, 100000);
     assert_memory_equal(buf, data + 10000, 100000);
-    st = front_stats();
+    st = s3p_stats(&g_s3);
     json_t *log = json_object_get(st, "log");
     assert_int_equal(json_array_size(log), 2);
     assert_string_equal(json_string_value(json_object_get(json_array_get(log, 0), "range")),
@@ -726,7 +686,7 @@ static void test_retries(void **state) {
     json_decref(st);
 
     /* 503 SlowDown with Retry-After: 1 -> waits at least a second although backoff is 10 ms */
-    front_post("/__twn/fault", "{\"kind\": \"503\", \"count\": 1, \"retry_after\": \"1\"}");
+    s3p_post(&g_s3, "/__twn/fault", "{\"kind\": \"503\", \"count\": 1, \"retry_after\": \"1\"}");
     double t0 = twn_now();
     if (twn_s3_get_range(s, BUCKET, "faults/obj.bin", NULL, 0, 100, buf, &got, &err))
         fail_msg("%s", err.msg);
@@ -740,8 +700,8 @@ static void test_retries(void **state) {
     twn_s3_config c = cfg_for(SECRET);
     c.stall_timeout_s = 1;
     assert_int_equal(twn_s3_open(&c, &s, &err), 0);
-    front_post("/__twn/fault",
-               "{\"kind\": \"slow\", \"count\": 1, \"delay_ms\": 8000, \"match\": \"faults/\"}");
+    s3p_post(&g_s3, "/__twn/fault",
+             "{\"kind\": \"slow\", \"count\": 1, \"delay_ms\": 8000, \"match\": \"faults/\"}");
     t0 = twn_now();
     if (twn_s3_get_range(s, BUCKET, "faults/obj.bin", NULL, 0, n, buf, &got, &err))
         fail_msg("%s", err.msg);
@@ -756,11 +716,12 @@ static void test_retries(void **state) {
     c = cfg_for(SECRET);
     c.max_retries = 2;
     assert_int_equal(twn_s3_open(&c, &s, &err), 0);
-    front_post("/__twn/reset", "{}");
-    front_post("/__twn/fault", "{\"kind\": \"500\", \"count\": 100, \"match\": \"faults/obj\"}");
+    s3p_post(&g_s3, "/__twn/reset", "{}");
+    s3p_post(&g_s3, "/__twn/fault",
+             "{\"kind\": \"500\", \"count\": 100, \"match\": \"faults/obj\"}");
     assert_int_equal(twn_s3_get_range(s, BUCKET, "faults/obj.bin", NULL, 0, 10, buf, &got, &err),
                      -1);
-    st = front_stats();
+    st = s3p_stats(&g_s3);
     char want[512];
     snprintf(want, sizeof want,
              "s3: GET s3://twn-test/faults/obj.bin (bytes 0-9): gave up after 3 attempts; last: "
@@ -770,7 +731,7 @@ static void test_retries(void **state) {
     assert_string_equal(err.msg, want);
     assert_int_equal(stat_int(st, "requests"), 3);
     json_decref(st);
-    front_post("/__twn/reset", "{}");
+    s3p_post(&g_s3, "/__twn/reset", "{}");
     twn_s3_close(s);
 
     /* nothing listening: connection refused is retried, then reported */
@@ -789,14 +750,14 @@ static void test_retries(void **state) {
 static void test_not_found_and_changed(void **state) {
     (void)state;
     twn_s3 *s = client(SECRET);
-    make_bucket(s);
+    s3p_bucket(s, BUCKET);
     twn_err err = {{0}};
     char buf[64];
     size_t got;
-    front_post("/__twn/reset", "{}");
+    s3p_post(&g_s3, "/__twn/reset", "{}");
     assert_int_equal(twn_s3_get_range(s, BUCKET, "missing/x.jsonl", NULL, 0, 10, buf, &got, &err),
                      -1);
-    json_t *st = front_stats();
+    json_t *st = s3p_stats(&g_s3);
     char want[512];
     snprintf(want, sizeof want,
              "s3: GET s3://twn-test/missing/x.jsonl (bytes 0-9): HTTP 404 NoSuchKey: The "
@@ -825,9 +786,9 @@ static void test_not_found_and_changed(void **state) {
     assert_string_equal(err.msg, "s3://twn-test/k: an S3 object, but no S3 client was configured");
 
     /* an object replaced after the blob was opened: the read names both ETags */
-    put(s, "chg/a.jsonl", "{\"id\": 1, \"text\": \"one\"}\n", 25);
+    s3p_put(s, BUCKET, "chg/a.jsonl", "{\"id\": 1, \"text\": \"one\"}\n", 25);
     assert_int_equal(twn_blob_open_s3_uri(s, "s3://" BUCKET "/chg/a.jsonl", &b, &err), 0);
-    put(s, "chg/a.jsonl", "{\"id\": 2, \"text\": \"two\"}\n", 25);
+    s3p_put(s, BUCKET, "chg/a.jsonl", "{\"id\": 2, \"text\": \"two\"}\n", 25);
     assert_int_equal(b->read_at(b, 0, buf, 10, &got, &err), -1);
     assert_non_null(strstr(err.msg, "s3: GET s3://twn-test/chg/a.jsonl (bytes 0-9): the object "
                                     "changed: its ETag is now \""));
@@ -838,7 +799,7 @@ static void test_not_found_and_changed(void **state) {
     twn_s3_upload *u;
     size_t n = 12u << 20;
     uint8_t *data = random_bytes(n, 3);
-    front_post("/__twn/reset", "{}");
+    s3p_post(&g_s3, "/__twn/reset", "{}");
     assert_int_equal(twn_s3_upload_begin(s, BUCKET, "out/emb.npy", &u, &err), 0);
     assert_int_equal(twn_s3_upload_write(u, data, n, &err), 0);
     assert_int_equal(twn_s3_upload_parts(u), 1);
@@ -848,7 +809,7 @@ static void test_not_found_and_changed(void **state) {
     assert_int_equal(twn_s3_head(s, BUCKET, "out/emb.npy", &size, etag, sizeof etag, &err), 0);
     assert_int_equal(size, n);
     /* initiate, two parts, complete (then the HEAD) */
-    json_t *st2 = front_stats();
+    json_t *st2 = s3p_stats(&g_s3);
     json_t *log = json_object_get(st2, "log");
     assert_int_equal(json_array_size(log), 5);
     const char *want_req[4][2] = {{"POST", "/twn-test/out/emb.npy?uploads="},

@@ -12,6 +12,7 @@
 #include "index/search.h"
 #include "index/shard.h"
 #include "tests/testutil.h"
+#include "tests/unit/corpus.h"
 #include "util/hash.h"
 #include "util/rng.h"
 
@@ -21,25 +22,6 @@
 #define K 10
 
 static char ids[N][16];
-
-static void expect_contains(const char *msg, const char *want) {
-    if (!strstr(msg, want)) fail_msg("message\n  %s\ndoes not contain\n  %s", msg, want);
-}
-
-static float *unit_vectors(int n, uint64_t seed) {
-    twn_rng r;
-    twn_rng_seed(&r, seed);
-    float *x = malloc((size_t)n * D * sizeof *x);
-    for (int i = 0; i < n; i++) {
-        double norm = 0;
-        for (int j = 0; j < D; j++) {
-            x[i * D + j] = (float)twn_rng_normal(&r);
-            norm += (double)x[i * D + j] * x[i * D + j];
-        }
-        for (int j = 0; j < D; j++) x[i * D + j] /= (float)sqrt(norm);
-    }
-    return x;
-}
 
 static int shard_of(int i) {
     return (int)(twn_hash64(ids[i], strlen(ids[i])) % S);
@@ -102,7 +84,7 @@ static void brute(const float *X, const float *q, int round16, int out[K]) {
 static void test_multi_shard_and_merge(void **state) {
     (void)state;
     const char *base = tu_tmpdir("search_flat");
-    float *X = unit_vectors(N, 51), *Q = unit_vectors(40, 52);
+    float *X = tc_unit_vectors(N, D, 51), *Q = tc_unit_vectors(40, D, 52);
     char dirs[S][1200];
     build_shards(base, "flat", "Flat", X, dirs);
     const char *dp[S] = {dirs[0], dirs[1], dirs[2]};
@@ -209,7 +191,7 @@ static void test_multi_shard_and_merge(void **state) {
     snprintf(dd, sizeof dd, "%s/dups", base);
     {
         twn_store *u = twn_store_new(D);
-        float *Y = unit_vectors(10, 53);
+        float *Y = tc_unit_vectors(10, D, 53);
         for (int i = 0; i < 10; i++) {
             twn_index_item it = {
                 .id = ids[i], .vec = Y + i * D, .route = 1, .p_think = 0.5f, .think_tokens = 99};
@@ -252,7 +234,7 @@ static void test_multi_shard_and_merge(void **state) {
 static void test_merge_ivf_and_mismatch(void **state) {
     (void)state;
     const char *base = tu_tmpdir("search_ivf");
-    float *X = unit_vectors(N, 61);
+    float *X = tc_unit_vectors(N, D, 61);
     char ivf[S][1200], flat[S][1200];
     build_shards(base, "ivf", "IVF16,Flat", X, ivf); /* ~1000 items each >= 39*16: trained */
     twn_err err = {{0}};
@@ -280,7 +262,7 @@ static void test_merge_ivf_and_mismatch(void **state) {
     assert_int_equal(twn_index_merge(mix, 2, merged, NULL, &mi, &err), -1);
     char want[3000];
     snprintf(want, sizeof want, "%s: factory \"IVF16,Flat\", but %s has \"Flat\"", ivf[1], flat[0]);
-    expect_contains(err.msg, want);
+    tc_expect_contains(err.msg, want);
     twn_merge_opts mo = {.factory = "HNSW32"};
     assert_int_equal(twn_index_merge(mix, 2, merged, &mo, &mi, &err), 0);
     twn_store *ms;

@@ -16,6 +16,7 @@
 #include "index/search.h"
 #include "index/shard.h"
 #include "tests/testutil.h"
+#include "tests/unit/corpus.h"
 #include "util/hash.h"
 #include "util/rng.h"
 
@@ -41,25 +42,6 @@ static const factory_case cases[] = {
     {"ivfflat", "IVF16,Flat", "nprobe=16", 1000, 1.0},
     {"ivfpq", "IVF16,PQ8", "nprobe=16", 1000, 0.9},
 };
-
-static void expect_contains(const char *msg, const char *want) {
-    if (!strstr(msg, want)) fail_msg("message\n  %s\ndoes not contain\n  %s", msg, want);
-}
-
-static float *unit_vectors(int n, uint64_t seed) {
-    twn_rng r;
-    twn_rng_seed(&r, seed);
-    float *x = malloc((size_t)n * D * sizeof *x);
-    for (int i = 0; i < n; i++) {
-        double norm = 0;
-        for (int j = 0; j < D; j++) {
-            x[i * D + j] = (float)twn_rng_normal(&r);
-            norm += (double)x[i * D + j] * x[i * D + j];
-        }
-        for (int j = 0; j < D; j++) x[i * D + j] /= (float)sqrt(norm);
-    }
-    return x;
-}
 
 static char ids[N][16];
 
@@ -92,7 +74,7 @@ static const float *final_vec(const float *X, const float *Y, int i) {
 
 static int crash_child(const char *dir, int ci) {
     const factory_case *c = &cases[ci];
-    float *X = unit_vectors(N, 11), *Y = unit_vectors(NREP, 12);
+    float *X = tc_unit_vectors(N, D, 11), *Y = tc_unit_vectors(NREP, D, 12);
     twn_shard *s;
     twn_err err = {{0}};
     twn_shard_opts o = opts_for(c);
@@ -183,7 +165,7 @@ static void run_case(int ci) {
     snprintf(outdir, sizeof outdir, "%s/out", dir);
     run_crash_child(sdir, ci);
 
-    float *X = unit_vectors(N, 11), *Y = unit_vectors(NREP, 12);
+    float *X = tc_unit_vectors(N, D, 11), *Y = tc_unit_vectors(NREP, D, 12);
     twn_shard_opts o = opts_for(c);
     twn_shard *s;
     twn_shard_open_info info;
@@ -290,7 +272,7 @@ static void test_ivf_pq(void **state) {
 static void test_training_buffer(void **state) {
     (void)state;
     const char *dir = tu_tmpdir("shard_train");
-    float *X = unit_vectors(N, 21);
+    float *X = tc_unit_vectors(N, D, 21);
     twn_shard_opts o = opts_for(&cases[2]);
     o.train_size = 700;
     twn_shard *s;
@@ -322,7 +304,7 @@ static void test_training_buffer(void **state) {
 static void test_replace_exactly_once(void **state) {
     (void)state;
     const char *dir = tu_tmpdir("shard_replace");
-    float *X = unit_vectors(64, 31), *Y = unit_vectors(64, 32);
+    float *X = tc_unit_vectors(64, D, 31), *Y = tc_unit_vectors(64, D, 32);
     twn_shard_opts o = opts_for(&cases[0]);
     twn_shard *s;
     twn_err err = {{0}};
@@ -368,7 +350,7 @@ static void test_replace_exactly_once(void **state) {
 static void test_errors(void **state) {
     (void)state;
     const char *dir = tu_tmpdir("shard_errors");
-    float *X = unit_vectors(10, 41);
+    float *X = tc_unit_vectors(10, D, 41);
     twn_shard_opts o = opts_for(&cases[2]); /* IVF16: needs 16 items to train at all */
     o.train_size = 0;
     twn_shard *s, *s2;
@@ -428,12 +410,12 @@ static void test_errors(void **state) {
     /* Reopening with another factory is refused, naming both. */
     o.factory = "Flat";
     assert_int_equal(twn_shard_open(dir, &o, &s, NULL, &err), -1);
-    expect_contains(err.msg, "snapshot was built with factory \"IVF16,Flat\", the shard is "
-                             "configured with \"Flat\"");
+    tc_expect_contains(err.msg, "snapshot was built with factory \"IVF16,Flat\", the shard is "
+                                "configured with \"Flat\"");
     o.factory = "IVF16,Flat";
     o.dim = 16;
     assert_int_equal(twn_shard_open(dir, &o, &s, NULL, &err), -1);
-    expect_contains(err.msg, "snapshot has dim 32, the shard is configured with dim 16");
+    tc_expect_contains(err.msg, "snapshot has dim 32, the shard is configured with dim 16");
     free(X);
 }
 
