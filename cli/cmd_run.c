@@ -28,9 +28,11 @@ typedef struct job {
     twn_role_cfg rc;
     int status;
     twn_err err;
+    int seq; /* 1 + how many roles had failed before this one (0: did not fail) */
 } job;
 
 static volatile int g_stop;
+static int g_failed; /* roles failed so far (atomic) */
 
 static void *job_main(void *arg) {
     job *j = arg;
@@ -47,6 +49,12 @@ static void *job_main(void *arg) {
     default:
         j->status = twn_worker_run(&j->rc, &j->err);
         break;
+    }
+    /* A role that failed (an indexer that cannot open its shard, ...) ends the whole job: the
+     * others would wait for it forever.  The journal keeps what was done for a re-run. */
+    if (j->status) {
+        j->seq = __atomic_add_fetch(&g_failed, 1, __ATOMIC_SEQ_CST);
+        g_stop = 1;
     }
     return NULL;
 }
@@ -202,13 +210,19 @@ int twn_cmd_run(int argc, char **argv) {
      * (twn_role_send, the shard-credit wait), so the joins below end. */
     for (size_t i = (size_t)shards + 1; i < n_jobs; i++) pthread_join(th[i], NULL);
     twn_prefetch_close(pool);
+    /* The first failure is the cause; the roles that failed after it mostly only saw the stop.
+     * Each line names its role (most messages already start with it). */
     int status = 0;
-    for (size_t i = 0; i < n_jobs; i++) {
-        if (jobs[i].status) {
-            fprintf(stderr, "twn run: %s\n", jobs[i].err.msg);
+    for (int seq = 1; seq <= g_failed; seq++)
+        for (size_t i = 0; i < n_jobs; i++) {
+            if (!jobs[i].status || jobs[i].seq != seq) continue;
+            const char *who = i ? ids[i] : "coordinator", *msg = jobs[i].err.msg;
+            size_t n = strlen(who);
+            int named = !strncmp(msg, who, n) && msg[n] == ':';
+            fprintf(stderr, "twn run: %s%s%s%s\n", seq > 1 ? "then " : "", named ? "" : who,
+                    named ? "" : ": ", msg);
             status = 1;
         }
-    }
     if (!status) {
         const twn_coord_summary *s = &jobs[0].sum;
         printf("units %llu items %llu easy %llu hard %llu rejected %llu think_tokens %llu seconds "

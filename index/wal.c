@@ -361,7 +361,7 @@ struct twn_wal {
         size_t n, cap;
         uint64_t first;
         uint32_t count;
-    } *ub;
+    } * ub;
     size_t nub, ubcap;
     float *dvec; /* a durable record's vector, aligned */
     twn_wal_stats st;
