@@ -280,7 +280,7 @@ static int on_frame(twn_shard *s, const uint8_t *frame, size_t len, const twn_fr
 
 static int pack_all(const bench_case *c, const bench_opts *o, const float *x, frames *f) {
     twn_err err = {{0}};
-    twn_frame_opts fo = twn_frame_opts_for(o->raw_frames ? "ipc://x" : "tcp://x");
+    twn_frame_opts fo = twn_frame_opts_for(o->raw_frames ? "ipc://x" : "tcp://x", NULL);
     f->n = (c->n + o->batch - 1) / o->batch;
     f->frame = twn_calloc((size_t)f->n, sizeof *f->frame);
     f->len = twn_calloc((size_t)f->n, sizeof *f->len);

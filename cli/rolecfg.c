@@ -155,6 +155,7 @@ void twn_cli_coord_cfg(const twn_cli_job *j, twn_coord_cfg *cc) {
     cc->io = &j->io;
     cc->curve = j->has_curve ? &j->curve : NULL;
     cc->max_message_bytes = (size_t)c->limits.max_message_bytes;
+    cc->compress = c->limits.compress;
 }
 
 void twn_cli_role_cfg(const twn_cli_job *j, int worker, twn_role_cfg *rc) {
@@ -171,6 +172,7 @@ void twn_cli_role_cfg(const twn_cli_job *j, int worker, twn_role_cfg *rc) {
     rc->io = &j->io;
     rc->curve = j->has_curve ? &j->curve : NULL;
     rc->max_message_bytes = (size_t)c->limits.max_message_bytes;
+    rc->compress = c->limits.compress;
     rc->connect_timeout_s = (double)c->coordinator.connect_timeout_ms / 1000.0;
     rc->shard_credits = (int)c->indexer.credits; /* each side queues this many (gate.h) */
 }
@@ -207,6 +209,7 @@ void twn_cli_indexer_cfg(const twn_cli_job *j, int shard, twn_indexer_cfg *ic) {
     ic->credits = (int)c->indexer.credits;
     ic->curve = j->has_curve ? &j->curve : NULL;
     ic->max_message_bytes = (size_t)c->limits.max_message_bytes;
+    ic->compress = c->limits.compress;
     ic->connect_timeout_s = (double)c->coordinator.connect_timeout_ms / 1000.0;
     ic->out_topic = c->kafka.output_topic;
     ic->out_brokers = j->io.kafka.brokers;

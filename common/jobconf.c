@@ -164,6 +164,9 @@ static const twn_conf_key keys[] = {
         "largest message sent or accepted on any socket, uncompressed"),
     INT("limits.max_item_bytes", limits.max_item_bytes, "67108864", 1, 2147483647,
         "a larger JSONL line or tar member is dead-lettered, never loaded"),
+    ENUM("limits.compress", limits.compress, "auto", "auto|always|never",
+         "zstd on messages of 4 KiB and more; auto: only over tcp:// (inproc:// and ipc:// "
+         "gain nothing from it)"),
 
     STR("s3.endpoint", s3.endpoint, "",
         "S3-compatible endpoint URL; empty: $AWS_ENDPOINT_URL or AWS"),

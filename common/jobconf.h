@@ -88,6 +88,7 @@ typedef struct twn_conf {
     } security;
     struct {
         int64_t max_message_bytes, max_item_bytes;
+        char *compress; /* auto|always|never */
     } limits;
     struct {
         char *endpoint, *region, *path_style, *access_key_id, *secret_access_key, *session_token;

@@ -27,9 +27,11 @@ twn_frame_opts twn_frame_opts_default(void) {
     return o;
 }
 
-twn_frame_opts twn_frame_opts_for(const char *endpoint) {
+twn_frame_opts twn_frame_opts_for(const char *endpoint, const char *compress) {
     twn_frame_opts o = twn_frame_opts_default();
-    if (!endpoint || strncmp(endpoint, "tcp://", 6) != 0) o.zstd_threshold = 0;
+    if (compress && !strcmp(compress, "always")) return o;
+    if ((compress && !strcmp(compress, "never")) || !endpoint || strncmp(endpoint, "tcp://", 6))
+        o.zstd_threshold = 0;
     return o;
 }
 

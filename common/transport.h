@@ -86,10 +86,11 @@ typedef struct twn_frame_opts {
 /* max_size 64 MiB, zstd_threshold 4 KiB, zstd_level 3. */
 twn_frame_opts twn_frame_opts_default(void);
 
-/* The defaults for frames sent to `endpoint`: compressed only over tcp:// (on inproc:// and ipc://
- * zstd costs CPU and saves no wire: it was ~14% of the coordinator's CPU over ipc://).  Receivers
- * accept both forms whatever their own options say. */
-twn_frame_opts twn_frame_opts_for(const char *endpoint);
+/* The defaults for frames sent to `endpoint` under limits.compress = `compress`: "auto" (or NULL)
+ * compresses only over tcp:// (on inproc:// and ipc:// zstd costs CPU and saves no wire),
+ * "always" everywhere, "never" nowhere.  Receivers accept both forms whatever their own
+ * options say. */
+twn_frame_opts twn_frame_opts_for(const char *endpoint, const char *compress);
 
 /* A decoded payload: `data` points into the frame (uncompressed) or into `owned` (decompressed). */
 typedef struct twn_payload {

@@ -617,7 +617,7 @@ static void commit_async(coord *c, double now) {
 int twn_coord_run(const twn_coord_cfg *cfg, twn_coord_summary *sum, twn_err *err) {
     coord c = {0};
     c.cfg = cfg;
-    c.fo = twn_frame_opts_for(cfg->endpoint);
+    c.fo = twn_frame_opts_for(cfg->endpoint, cfg->compress);
     if (cfg->max_message_bytes) c.fo.max_size = cfg->max_message_bytes;
     c.next_wid = 1;
     twn_cmetrics_init(&c.metrics, twn_metrics_default(), cfg->shards);

@@ -233,7 +233,7 @@ int twn_role_connect(twn_role_conn *c, const twn_role_cfg *cfg, int role, int di
     c->mu_init = 1;
     c->cfg = cfg;
     c->dim = dim;
-    c->fo = twn_frame_opts_for(cfg->control);
+    c->fo = twn_frame_opts_for(cfg->control, cfg->compress);
     if (cfg->max_message_bytes) c->fo.max_size = cfg->max_message_bytes;
     c->fo_push = c->fo;
     twn_sock_opts so = twn_sock_opts_default();
@@ -299,7 +299,7 @@ int twn_role_connect(twn_role_conn *c, const twn_role_cfg *cfg, int role, int di
         po.max_msg_bytes = twn_wire_limit(&c->fo);
         c->fo_push.zstd_threshold = 0;
         for (uint32_t i = 0; i < c->shards; i++) {
-            twn_frame_opts f = twn_frame_opts_for(w->shard_endpoints[i]);
+            twn_frame_opts f = twn_frame_opts_for(w->shard_endpoints[i], cfg->compress);
             if (f.zstd_threshold) c->fo_push.zstd_threshold = f.zstd_threshold;
         }
         for (uint32_t i = 0; i < c->shards; i++)

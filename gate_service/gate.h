@@ -52,6 +52,7 @@ typedef struct twn_role_cfg {
     const twn_curve_cfg *curve;
     /* frame / ZeroMQ message limit (limits.max_message_bytes); 0 = 64 MiB (transport.h) */
     size_t max_message_bytes;
+    const char *compress; /* limits.compress: auto|always|never; NULL = auto */
     /* tests: no pulse thread (twn_role_conn.pulse), heartbeats only between batches, so a slow
      * batch loses its lease as it would have before the pulse existed */
     int no_pulse;

@@ -224,7 +224,7 @@ int twn_indexer_run(const twn_indexer_cfg *cfg, twn_err *err) {
     ixr x = {0};
     x.cfg = cfg;
     ixr_metrics(&x);
-    x.fo = twn_frame_opts_for(cfg->control);
+    x.fo = twn_frame_opts_for(cfg->control, cfg->compress);
     if (cfg->max_message_bytes) x.fo.max_size = cfg->max_message_bytes;
     int rc = -1;
     twn_shard_opts so = {0};

@@ -39,6 +39,7 @@ typedef struct twn_indexer_cfg {
     const twn_curve_cfg *curve;
     /* frame / ZeroMQ message limit (limits.max_message_bytes); 0 = 64 MiB (transport.h) */
     size_t max_message_bytes;
+    const char *compress; /* limits.compress: auto|always|never; NULL = auto */
     /* The output topic (index/out_kafka.h): every vector made durable is produced to
      * out_topic (NULL or "": off) on out_brokers, with out_props ("name=value", NULL-terminated,
      * may be NULL: kafka.properties).  Flushed before the snapshot at Shutdown. */

@@ -657,7 +657,7 @@ static void *probe_main(void *arg) {
         if (s) twn_sock_close(s);
         return NULL;
     }
-    twn_frame_opts fo = twn_frame_opts_for(pr->endpoint);
+    twn_frame_opts fo = twn_frame_opts_for(pr->endpoint, NULL);
     while (!pr->stop) {
         Twn__Heartbeat hb = TWN__HEARTBEAT__INIT;
         Twn__Envelope env = TWN__ENVELOPE__INIT;

@@ -891,8 +891,24 @@ static void test_push_timeout(void **state) {
     assert_int_equal(zmq_ctx_term(ctx), 0);
 }
 
+/* limits.compress: auto compresses over tcp:// only; always / never override the transport. */
+static void test_frame_opts_for(void **state) {
+    (void)state;
+    const size_t dflt = twn_frame_opts_default().zstd_threshold;
+    assert_int_equal(twn_frame_opts_for("tcp://127.0.0.1:5555", NULL).zstd_threshold, dflt);
+    assert_int_equal(twn_frame_opts_for("tcp://127.0.0.1:5555", "auto").zstd_threshold, dflt);
+    assert_int_equal(twn_frame_opts_for("ipc:///tmp/x", "auto").zstd_threshold, 0);
+    assert_int_equal(twn_frame_opts_for("inproc://x", NULL).zstd_threshold, 0);
+    assert_int_equal(twn_frame_opts_for(NULL, NULL).zstd_threshold, 0);
+    assert_int_equal(twn_frame_opts_for("ipc:///tmp/x", "always").zstd_threshold, dflt);
+    assert_int_equal(twn_frame_opts_for("tcp://127.0.0.1:5555", "never").zstd_threshold, 0);
+    assert_int_equal(twn_frame_opts_for("inproc://x", "never").max_size,
+                     twn_frame_opts_default().max_size);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_frame_opts_for),
         cmocka_unit_test(test_frame_raw),         cmocka_unit_test(test_frame_zstd),
         cmocka_unit_test(test_frame_oversized),   cmocka_unit_test(test_frame_corrupt),
         cmocka_unit_test(test_msg_round_trip),    cmocka_unit_test(test_msg_refused),
