@@ -585,6 +585,11 @@ void twn_cstate_worker_dead(twn_cstate *c, uint32_t worker) {
     twn_leases_worker_dead(c->pool[POOL_HARD], worker);
 }
 
+void twn_cstate_pause(twn_cstate *c, double dt) {
+    twn_leases_pause(c->pool[POOL_UNIT], dt);
+    twn_leases_pause(c->pool[POOL_HARD], dt);
+}
+
 int twn_cstate_tick(twn_cstate *c, double now, twn_err *err) {
     if (check_failed(c, err)) return -1;
     twn_leases_expire(c->pool[POOL_UNIT], now);

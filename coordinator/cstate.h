@@ -156,6 +156,9 @@ void twn_cstate_report(twn_cstate *c, uint32_t worker, double now, const twn_lea
                        size_t n);
 /* The transport saw the worker die: all of its leases end now (their work is re-queued). */
 void twn_cstate_worker_dead(twn_cstate *c, uint32_t worker);
+/* The caller did not read its peers for dt seconds (its own stall): both pools' silences and
+ * deadlines move dt later (twn_leases_pause). */
+void twn_cstate_pause(twn_cstate *c, double dt);
 
 /* Ends expired leases and silent workers' leases, and group-commits the journal.  Call every
  * few ms. */

@@ -560,6 +560,17 @@ size_t twn_leases_expire(twn_leases *l, double now) {
     return ended;
 }
 
+void twn_leases_pause(twn_leases *l, double dt) {
+    if (!(dt > 0)) return;
+    for (size_t i = 0; i < l->nw; i++) l->w[i].last_seen += dt;
+    for (size_t i = 0; i < l->nlive; i++) {
+        lease *s = &l->s[l->live[i]];
+        s->deadline += dt;
+        s->moved += dt;
+    }
+    l->earliest += dt;
+}
+
 uint32_t twn_leases_worker_of(const twn_leases *l, uint32_t slot) {
     return l->s[slot].worker;
 }

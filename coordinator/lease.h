@@ -168,6 +168,12 @@ size_t twn_leases_expire(twn_leases *l, double now);
  * leases now, as expiries (attempts count only for those not finished).  Returns leases ended. */
 size_t twn_leases_worker_dead(twn_leases *l, uint32_t worker);
 
+/* The caller could not listen for dt seconds (its own stall: a slow fsync, the process starved
+ * or stopped), so the heartbeats, reports and acks of that time wait unread in its queue: every
+ * worker's silence, every live lease's deadline and standstill are moved dt later, so that the
+ * stall is held against no holder (coordinator/service.c, test_coord_stall). */
+void twn_leases_pause(twn_leases *l, double dt);
+
 /* The lease in slot (live), for inspection and tests. */
 uint32_t twn_leases_worker_of(const twn_leases *l, uint32_t slot);
 double twn_leases_deadline(const twn_leases *l, uint32_t slot);

@@ -54,8 +54,9 @@ typedef struct keyidx {
 typedef struct peer_user {
     uint32_t wid;
     int role;
-    int shut; /* Shutdown sent */
-    int bye;  /* the peer said Shutdown: it is leaving (or acknowledged ours) */
+    int shut;         /* Shutdown sent */
+    int bye;          /* the peer said Shutdown: it is leaving (or acknowledged ours) */
+    uint64_t join_id; /* its Hello's join_id (0: none) */
 } peer_user;
 
 typedef struct coord {
@@ -260,8 +261,16 @@ static void ask_hello(coord *c, const twn_peer_id *to) {
 }
 
 static void on_hello(coord *c, const twn_peer_id *from, const Twn__Hello *h, double now) {
-    twn_peer *p = twn_peers_add(c->peers, from, now);
-    peer_user *pu = p->user;
+    twn_peer *p = twn_peers_find(c->peers, from);
+    peer_user *pu = p ? p->user : NULL;
+    if (p && p->alive && pu && pu->wid && !pu->bye && h->join_id && h->join_id == pu->join_id) {
+        /* The same join's Hello again, sent while our Welcome was on its way (a slow start):
+         * the peer keeps its worker id, leases and credits; only the Welcome is repeated. */
+        twn_peers_touch(c->peers, from, now);
+        goto welcome;
+    }
+    p = twn_peers_add(c->peers, from, now);
+    pu = p->user;
     if (!pu) {
         pu = twn_calloc(1, sizeof *pu);
         p->user = pu;
@@ -271,8 +280,10 @@ static void on_hello(coord *c, const twn_peer_id *from, const Twn__Hello *h, dou
     pu->wid = c->next_wid++;
     if (c->next_wid >= TWN_LEASE_MAX_WORKERS) c->next_wid = 1;
     pu->role = h->role;
+    pu->join_id = h->join_id;
     p->role = h->role;
     twn_credits_grant(&p->credits, h->credits);
+welcome:;
     Twn__Welcome w = TWN__WELCOME__INIT;
     w.accepted = 1;
     w.job_id = (char *)"twn";
@@ -709,6 +720,7 @@ int twn_coord_run(const twn_coord_cfg *cfg, twn_coord_summary *sum, twn_err *err
                          ? cfg->heartbeat_s * (cfg->missed_beats > 0 ? cfg->missed_beats : 1)
                          : 0;
     double drain_until = 0;
+    double t_listened = twn_now(); /* the last peer expiry: the socket was read up to then */
     int draining = 0, replay_dropped = 0;
     while (cfg->streaming || !twn_cstate_all_done(c.cs)) {
         double t_pass = twn_now();
@@ -755,6 +767,21 @@ int twn_coord_run(const twn_coord_cfg *cfg, twn_coord_summary *sum, twn_err *err
             goto out;
         }
         now = twn_now();
+        /* A pass longer than a heartbeat interval (a slow fsync; this process starved or
+         * stopped) left the peers' messages unread in our own queue: that silence is ours, not
+         * theirs.  All of it but one interval is taken off every live peer's silence and its
+         * leases' deadlines, so a stalled coordinator does not declare its fleet dead (every
+         * lease re-leased, good items dead-lettered as "lease expired 3 times" after three
+         * stalls, and at the end of a job every peer left without its Shutdown). */
+        double stall = now - t_listened - cfg->heartbeat_s;
+        if (cfg->heartbeat_s > 0 && stall > 0) {
+            for (size_t i = 0; i < twn_peers_count(c.peers); i++) {
+                twn_peer *p = twn_peers_at(c.peers, i);
+                if (p->alive) p->last_seen = fmin(p->last_seen + stall, now);
+            }
+            twn_cstate_pause(c.cs, stall);
+        }
+        t_listened = now;
         /* Every peer declared dead now gets its leases ended now (twn_peers_expire marks them
          * all; a fixed-size list here once left all but the first 16 holding their work). */
         if (c.cap_dead < twn_peers_count(c.peers)) {
@@ -814,8 +841,26 @@ int twn_coord_run(const twn_coord_cfg *cfg, twn_coord_summary *sum, twn_err *err
     }
     for (size_t i = 0; i < twn_peers_count(c.peers); i++) {
         twn_peer *p = twn_peers_at(c.peers, i);
-        if (p->alive) send_shutdown(&c, p, cfg->streaming ? "stream stopped" : "job finished");
+        if (p->alive) {
+            send_shutdown(&c, p, cfg->streaming ? "stream stopped" : "job finished");
+            continue;
+        }
+        /* Declared dead, but perhaps only slow (stopped, starved): when it runs again it finds
+         * its Shutdown and ends, instead of joining a coordinator that is gone (test_coord_stall).
+         * One gone for good has no pipe (EHOSTUNREACH): nothing to tell, nothing to wait for. */
+        Twn__Shutdown sd = TWN__SHUTDOWN__INIT;
+        sd.reason = (char *)(cfg->streaming ? "stream stopped" : "job finished");
+        Twn__Envelope env = TWN__ENVELOPE__INIT;
+        env.body_case = TWN__ENVELOPE__BODY_SHUTDOWN;
+        env.shutdown = &sd;
+        twn_err e;
+        if (!twn_send_msg(c.router, &p->id, &env, &c.fo, &e) && p->user)
+            ((peer_user *)p->user)->shut = 1;
     }
+    /* What was sent leaves before the ROUTER closes (its linger is 0 for the job's sake), also
+     * when no peer is left to answer and the wait below ends at once. */
+    int linger_ms = 1000;
+    zmq_setsockopt(c.router, ZMQ_LINGER, &linger_ms, sizeof linger_ms);
     /* Every peer answers Shutdown with a Shutdown of its own once it has it (the ROUTER must stay
      * open until then, or the message dies in its queue).  End as soon as each peer has answered
      * or is gone (silent for missed_beats heartbeats); a late Hello meanwhile is told to stop too

@@ -5,6 +5,7 @@
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 #include <zmq.h>
 
 #include "common/prefetch.h"
@@ -73,9 +74,20 @@ static void *pulse_main(void *arg) {
     return NULL;
 }
 
+/* A new join: the Hellos until its Welcome carry a new Hello.join_id (never 0). */
+static void new_join(twn_role_conn *c) {
+    static _Atomic uint64_t seq;
+    double now = twn_now();
+    uint64_t k[5] = {0, (uint64_t)twn_unix_ms(), ++seq, (uint64_t)(uintptr_t)c, (uint64_t)getpid()};
+    memcpy(&k[0], &now, sizeof now);
+    c->join_id = twn_hash64(k, sizeof k);
+    if (!c->join_id) c->join_id = 1;
+}
+
 static int send_hello(twn_role_conn *c, twn_err *err) {
     Twn__Hello h = TWN__HELLO__INIT;
     h.role = c->role;
+    h.join_id = c->join_id;
     h.id = (char *)c->cfg->id;
     h.credits = c->cfg->credits;
     h.dim = (uint32_t)c->dim;
@@ -158,6 +170,15 @@ static double overdue_at(const twn_role_conn *c, double lease_end) {
     if (lease_end && now - (lease_end + grace) > late) late = now - (lease_end + grace);
     if (c->rejoin) late = 1e9;
     return late;
+}
+
+/* Why a lease is given up, for the log: how late it is, or that this process is joining again
+ * (declared dead: overdue_at's 1e9). */
+static void overdue_why(const twn_role_conn *c, double late, char *buf, size_t cap) {
+    if (c->rejoin || late >= 1e8)
+        snprintf(buf, cap, "was ended: this process was declared dead and is joining again");
+    else
+        snprintf(buf, cap, "is %.1f s past its deadline", late);
 }
 
 double twn_role_lease_overdue(const twn_role_conn *c) {
@@ -247,6 +268,7 @@ int twn_role_connect(twn_role_conn *c, const twn_role_cfg *cfg, int role, int di
         twn_sock_connect(c->dealer, cfg->control, err))
         return -1;
     c->role = role;
+    new_join(c);
     if (send_hello(c, err)) return -1;
     double t_hello = twn_now();
     for (;;) {
@@ -370,6 +392,16 @@ int twn_role_beat(twn_role_conn *c, twn_err *err) {
 
 static int beat_locked(twn_role_conn *c, twn_err *err) {
     double now = twn_now();
+    /* Joining again, and no coordinator has answered since our last Hello (a live one answers
+     * every message, "say Hello" if nothing else): it is gone, the job over or the coordinator
+     * not running.  Given up like a first join, so no process waits forever (test_coord_stall:
+     * a gate stopped across a coordinator restart that then finished the job). */
+    if (c->rejoin && c->cfg->connect_timeout_s > 0 &&
+        now - c->last_hello > c->cfg->connect_timeout_s)
+        return twn_err_set(err,
+                           "%s: no Welcome from the coordinator at %s within %.0f ms of joining "
+                           "again (the job is over, or the coordinator is not running)",
+                           c->cfg->id, c->cfg->control, c->cfg->connect_timeout_s * 1000.0);
     if (!twn_beat_due(&c->beat, now)) return 0;
     if (!c->rejoin && c->missed_beats &&
         now > c->last_sent + c->beat.interval_s * c->missed_beats) {
@@ -378,6 +410,7 @@ static int beat_locked(twn_role_conn *c, twn_err *err) {
         twn_log(TWN_LOG_WARN, "%s: %.1f s without a message to the coordinator: joining again",
                 c->cfg->id, now - c->last_sent);
         c->rejoin = 1;
+        new_join(c);
         return send_hello(c, err);
     }
     /* The heartbeat lists every lease taken off the socket with its progress; the coordinator
@@ -776,11 +809,10 @@ static int gate_batch(twn_role_conn *c, gate_set *gs, twn_src_item *items, const
  * the message is late and harmless). */
 int twn_role_abandon(twn_role_conn *c, const char *what, uint64_t id, uint64_t lease,
                      twn_err *err) {
-    twn_log(TWN_LOG_WARN,
-            "%s: %s %llu: lease %llu is %.1f s past its deadline (or this process was declared "
-            "dead); its results are left to the next holder",
-            c->cfg->id, what, (unsigned long long)id, (unsigned long long)lease,
-            twn_role_lease_overdue(c));
+    char why[96];
+    overdue_why(c, twn_role_lease_overdue(c), why, sizeof why);
+    twn_log(TWN_LOG_WARN, "%s: %s %llu: lease %llu %s; its results are left to the next holder",
+            c->cfg->id, what, (unsigned long long)id, (unsigned long long)lease, why);
     for (uint32_t s = 0; s < c->shards; s++) c->n_emb[s] = 0;
     c->n_hard = c->n_rej = c->n_refs = 0;
     c->abandoned = 0;
@@ -932,11 +964,11 @@ static int lease_end(twn_role_conn *c, held *h, int abandoned, twn_err *err) {
 
 /* Gives up an overdue held lease (twn_role_abandon for one of several). */
 static int give_up(twn_role_conn *c, held *h, twn_err *err) {
-    twn_log(TWN_LOG_WARN,
-            "%s: unit %llu: lease %llu is %.1f s past its deadline (or this process was declared "
-            "dead); its results are left to the next holder",
+    char why[96];
+    overdue_why(c, clock_overdue(c, h->l->lease_id), why, sizeof why);
+    twn_log(TWN_LOG_WARN, "%s: unit %llu: lease %llu %s; its results are left to the next holder",
             c->cfg->id, (unsigned long long)h->l->unit_id, (unsigned long long)h->l->lease_id,
-            clock_overdue(c, h->l->lease_id));
+            why);
     return lease_end(c, h, 1, err);
 }
 
@@ -1194,6 +1226,7 @@ int twn_role_serve(const twn_role_cfg *cfg, int role, int body_case, twn_role_ha
             if (twn_now() - c.last_hello > c.beat.interval_s) {
                 twn_log(TWN_LOG_INFO, "%s: the coordinator does not know us: joining again",
                         cfg->id);
+                if (!c.rejoin) new_join(&c); /* the Hellos of one rejoin share it */
                 c.rejoin = 1;
                 if (send_hello(&c, err)) {
                     twn_msg_free(m);

@@ -115,6 +115,7 @@ typedef struct twn_role_conn {
      * (coordinator/lease.h twn_leases_report). */
     double last_renewing;
     int rejoin;           /* declared dead: Hello sent again; leases until Welcome are stale */
+    uint64_t join_id;     /* Hello.join_id of the current join (new on connect and on rejoin) */
     double last_hello;    /* twn_now() of the last Hello (answers to the coordinator's "say
                              Hello" are paced by it) */
     int abandoned;        /* the current lease was given up (overdue) */

@@ -366,6 +366,9 @@ static void test_s3_prefetch_pipeline(void **state) {
     twn_srcio_cfg io = s3_io();
     double secs[2];
     size_t n_gets[2];
+    /* leases re-leased (expired, abandoned, their holder declared dead): each may read its unit
+     * again; none is expected in a job this short */
+    double expired0 = ph_metric("twn_lease_expiries_total", "lease=unit");
     for (int pass = 0; pass < 2; pass++) { /* 0: 4 readers, 1: none */
         char out[1100];
         snprintf(out, sizeof out, "%s/out-%d", dir, pass);
@@ -420,8 +423,13 @@ static void test_s3_prefetch_pipeline(void **state) {
     printf("s3 prefetch: 32 units, 100 ms per GET: %.2f s with 4 readers, %.2f s without (%zu "
            "and %zu GETs)\n",
            secs[0], secs[1], n_gets[0], n_gets[1]);
-    /* the pool's windows cover what the readers look at: no unit is fetched twice */
-    assert_true(n_gets[0] <= n_gets[1] + 2);
+    /* the pool's windows cover what the readers look at: no unit is fetched twice unless its
+     * lease was re-leased (a gate's Hello sent again before its Welcome came used to end its
+     * first leases: 4 units read twice in both passes on a loaded machine) */
+    double expired = ph_metric("twn_lease_expiries_total", "lease=unit") - expired0;
+    printf("s3 prefetch: %.0f leases re-leased\n", expired);
+    assert_true((double)n_gets[0] <= (double)n_gets[1] + expired);
+    assert_true(expired == 0);
     /* the wall times are printed, not asserted: busy_max and fetched above show the read-ahead */
     json_decref(want);
     s3p_post(&g_s3, "/__twn/reset", "{}");
