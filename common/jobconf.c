@@ -108,7 +108,8 @@ static const twn_conf_key keys[] = {
         "a gate, worker or indexer not welcomed by the coordinator within this exits with status "
         "1 (job over or coordinator unreachable); 0 = wait forever"),
     INT("coordinator.journal_compact_bytes", coordinator.journal_compact_bytes, "4194304", 0,
-        1099511627776, "streaming: the journal is rewritten without the records of released "
+        1099511627776,
+        "streaming: the journal is rewritten without the records of released "
         "units once it is this large and twice its size after the last rewrite; 0 = never"),
 
     INT("gate.count", gate.count, "1", 1, 1024, "gate service threads in twn run"),

@@ -483,7 +483,9 @@ json_t *twn_json_number(double v) {
 
 /* Label values are whatever the code put there; bytes that are not UTF-8 are kept as they are,
  * as in the text exposition. */
-static json_t *jstr(const char *s) { return json_stringn_nocheck(s, strlen(s)); }
+static json_t *jstr(const char *s) {
+    return json_stringn_nocheck(s, strlen(s));
+}
 
 json_t *twn_metrics_json(twn_metrics *m) {
     json_t *all = json_array();

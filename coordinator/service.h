@@ -53,7 +53,7 @@ typedef struct twn_coord_cfg {
     /* frame / ZeroMQ message limit (limits.max_message_bytes); 0 = 64 MiB (transport.h) */
     size_t max_message_bytes;
     const char *compress; /* limits.compress: auto|always|never; NULL = auto */
-    volatile int *stop; /* optional: set non-zero to stop early (returns -1; streaming: 0) */
+    volatile int *stop;   /* optional: set non-zero to stop early (returns -1; streaming: 0) */
     /* kafka.streaming: the job never ends by itself.  Every stream_poll_s (0.5 s) the Kafka
      * thread (coordinator/kplanner.h) reads the high watermarks of the kafka:// inputs again and
      * plans the offsets beyond the plan as new units (twn_srcio_plan_more_max: same unit size,

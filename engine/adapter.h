@@ -4,8 +4,9 @@
  * instead of alpha/r), target_modules as a list (module name equals an entry or ends with
  * "."+entry), a regex string (full match, PCRE2) or "all-linear" (every Linear except lm_head),
  * exclude_modules, rank_pattern / alpha_pattern (key matches via (.*\.)?(key)$), fan_in_fan_out
- * (accepted and ignored: it describes Conv1D base weights; PEFT saves A [r,in] / B [out,r] either way), bias "none", and embedding LoRA on embed_tokens
- * (lora_embedding_A [r, vocab], lora_embedding_B [hidden, r]).
+ * (accepted and ignored: it describes Conv1D base weights; PEFT saves A [r,in] / B [out,r] either
+ * way), bias "none", and embedding LoRA on embed_tokens (lora_embedding_A [r, vocab],
+ * lora_embedding_B [hidden, r]).
  *
  * Refused by name, with the file: use_dora, lora_bias, bias != "none", layer_replication,
  * target_parameters, trainable_token_indices, use_qalora, alora_invocation_tokens,

@@ -6,8 +6,9 @@
  * text_config.rope_parameters{rope_theta, rope_type, mrope_section, mrope_interleaved}.
  * rope_type must be "default".  Missing mrope_section falls back to [24,20,20] (4.57 behaviour);
  * sum(mrope_section) must equal head_dim/2.  tie_word_embeddings is read at the top level, then
- * text_config (top level wins when both are present).  Values the engine depends on are range-checked
- * (positive dims, heads dividing evenly, head_dim even) and errors name the key and value. */
+ * text_config (top level wins when both are present).  Values the engine depends on are
+ * range-checked (positive dims, heads dividing evenly, head_dim even) and errors name the key and
+ * value. */
 #ifndef TWN_ENGINE_CONFIG_H
 #define TWN_ENGINE_CONFIG_H
 
@@ -62,8 +63,8 @@ typedef struct {
     int video_token_id;        /* default 151656 */
     int vision_start_token_id; /* default 151652 */
     int vision_end_token_id;   /* default 151653 */
-    char dtype[16];            /* "bfloat16", "float32", ... from dtype / torch_dtype; "" if absent */
-    bool rope_v5;              /* true when read from rope_parameters */
+    char dtype[16]; /* "bfloat16", "float32", ... from dtype / torch_dtype; "" if absent */
+    bool rope_v5;   /* true when read from rope_parameters */
 } twn_config;
 
 /* Parses config.json at path.  Errors name the file and the key. */

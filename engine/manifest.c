@@ -18,7 +18,7 @@
 #define DEFAULT_REASON                                                                             \
     "<|im_start|>user\n{instruction}{images}{text}<|im_end|>\n<|im_start|>assistant\n<think>\n"
 #define DEFAULT_EMBED_COT                                                                          \
-    "<|im_start|>user\n{instruction}{images}{text}<|im_end|>\n<|im_start|>assistant\n<think>\n"   \
+    "<|im_start|>user\n{instruction}{images}{text}<|im_end|>\n<|im_start|>assistant\n<think>\n"    \
     "{cot}</think>\n\n"
 #define DEFAULT_IMAGE "<|vision_start|><|image_pad|><|vision_end|>"
 
@@ -48,8 +48,7 @@ static int get_str(json_t *obj, const char *key, const char *def, char **out, co
         *out = def ? twn_strdup(def) : NULL;
         return 0;
     }
-    if (!json_is_string(v))
-        return twn_err_set(err, "%s: \"%s\" must be a string", file, key);
+    if (!json_is_string(v)) return twn_err_set(err, "%s: \"%s\" must be a string", file, key);
     *out = twn_strdup(json_string_value(v));
     return 0;
 }
@@ -78,10 +77,22 @@ static void sha256_hex(const void *data, size_t n, char out[65]) {
 }
 
 static int parse(json_t *root, twn_manifest *m, const char *file, twn_err *err) {
-    static const char *const top[] = {"format", "name", "base", "adapters", "gate", "queries",
-                                      "pooling", "normalize", "threshold", "max_think_tokens",
-                                      "stop", "sampling", "default_instruction", "templates",
-                                      "comment", NULL};
+    static const char *const top[] = {"format",
+                                      "name",
+                                      "base",
+                                      "adapters",
+                                      "gate",
+                                      "queries",
+                                      "pooling",
+                                      "normalize",
+                                      "threshold",
+                                      "max_think_tokens",
+                                      "stop",
+                                      "sampling",
+                                      "default_instruction",
+                                      "templates",
+                                      "comment",
+                                      NULL};
     if (!json_is_object(root)) return twn_err_set(err, "%s: not a JSON object", file);
     if (check_keys(root, "", top, file, err)) return -1;
     json_t *fmt = json_object_get(root, "format");
@@ -94,7 +105,8 @@ static int parse(json_t *root, twn_manifest *m, const char *file, twn_err *err) 
     twn_free(s);
 
     json_t *ad = json_object_get(root, "adapters");
-    if (ad && !json_is_object(ad)) return twn_err_set(err, "%s: \"adapters\" must be an object", file);
+    if (ad && !json_is_object(ad))
+        return twn_err_set(err, "%s: \"adapters\" must be an object", file);
     static const char *const adk[] = {"embedding", "reasoning", NULL};
     if (ad && check_keys(ad, "adapters.", adk, file, err)) return -1;
     json_t *empty = json_object();
@@ -121,8 +133,9 @@ static int parse(json_t *root, twn_manifest *m, const char *file, twn_err *err) 
     for (int i = 0; i < 5; i++)
         if (!strcmp(s, acts[i])) act = i;
     if (act < 0) {
-        twn_err_set(err, "%s: gate.activation is \"%s\"; expected gelu, gelu_tanh, relu, silu or tanh",
-                     file, s);
+        twn_err_set(err,
+                    "%s: gate.activation is \"%s\"; expected gelu, gelu_tanh, relu, silu or tanh",
+                    file, s);
         twn_free(s);
         goto fail;
     }
@@ -142,8 +155,10 @@ static int parse(json_t *root, twn_manifest *m, const char *file, twn_err *err) 
     twn_free(s);
 
     if (get_str(root, "pooling", "query_mean", &s, file, err)) goto fail;
-    if (!strcmp(s, "query_mean")) m->pooling = TWN_POOL_QUERY_MEAN;
-    else if (!strcmp(s, "last_token")) m->pooling = TWN_POOL_LAST_TOKEN;
+    if (!strcmp(s, "query_mean"))
+        m->pooling = TWN_POOL_QUERY_MEAN;
+    else if (!strcmp(s, "last_token"))
+        m->pooling = TWN_POOL_LAST_TOKEN;
     else if (!strncmp(s, "token:", 6) && s[6]) {
         m->pooling = TWN_POOL_TOKEN;
         m->pool_token = twn_strdup(s + 6);
@@ -258,9 +273,10 @@ int twn_manifest_load(const char *path, twn_manifest *m, twn_err *err) {
 
 void twn_manifest_free(twn_manifest *m) {
     if (!m) return;
-    char **strs[] = {&m->path,          &m->dir,         &m->base_dir,  &m->embedding_dir,
-                     &m->reasoning_dir, &m->gate_path,   &m->queries_path, &m->pool_token,
-                     &m->default_instruction, &m->tpl_embed, &m->tpl_reason, &m->tpl_embed_cot,
+    char **strs[] = {&m->path,          &m->dir,           &m->base_dir,
+                     &m->embedding_dir, &m->reasoning_dir, &m->gate_path,
+                     &m->queries_path,  &m->pool_token,    &m->default_instruction,
+                     &m->tpl_embed,     &m->tpl_reason,    &m->tpl_embed_cot,
                      &m->tpl_image};
     for (size_t i = 0; i < sizeof strs / sizeof *strs; i++) {
         twn_free(*strs[i]);

@@ -19,9 +19,11 @@
  *     "sampling": {"temperature": 0, "top_k": 0, "top_p": 1.0, "seed": 0},   0 = greedy
  *     "default_instruction": "",                       used when an item has none
  *     "templates": {
- *       "embed":     "<|im_start|>user\n{instruction}{images}{text}<|im_end|>\n<|im_start|>assistant\n",
- *       "reason":    "<|im_start|>user\n{instruction}{images}{text}<|im_end|>\n<|im_start|>assistant\n<think>\n",
- *       "embed_cot": "<|im_start|>user\n{instruction}{images}{text}<|im_end|>\n<|im_start|>assistant\n<think>\n{cot}</think>\n\n",
+ *       "embed":
+ * "<|im_start|>user\n{instruction}{images}{text}<|im_end|>\n<|im_start|>assistant\n", "reason":
+ * "<|im_start|>user\n{instruction}{images}{text}<|im_end|>\n<|im_start|>assistant\n<think>\n",
+ *       "embed_cot":
+ * "<|im_start|>user\n{instruction}{images}{text}<|im_end|>\n<|im_start|>assistant\n<think>\n{cot}</think>\n\n",
  *       "image":     "<|vision_start|><|image_pad|><|vision_end|>"
  *     }
  *   }
@@ -34,8 +36,8 @@
  *  - Gate pass (embedding adapter): ids(embed) followed by the K query vectors as input
  *    embeddings (positions continue sequentially).  Pool the final-norm hidden states → e0.
  *    query_mean = mean over the K query rows; last_token = the last row; token:<t> = the row of the
- *    last occurrence of token <t> among the pass's ids (an item without it fails).  gate MLP on e0 (or e0/|e0| for pooled_normalized) → logit,
- *    p_think = sigmoid(logit).
+ *    last occurrence of token <t> among the pass's ids (an item without it fails).  gate MLP on e0
+ * (or e0/|e0| for pooled_normalized) → logit, p_think = sigmoid(logit).
  *  - Gate MLP: the .pt state_dict holds Linear layers "<i>.weight" [out,in] / "<i>.bias" [out]
  *    (nn.Sequential numbering; any common key prefix like "net." is accepted); layers are applied
  *    in index order with the activation between them (not after the last); the last has out = 1.

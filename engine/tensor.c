@@ -9,17 +9,19 @@ static const struct {
     const char *name;
     size_t size;
 } dtypes[TWN_DT_COUNT] = {
-    [TWN_DT_BOOL] = {"BOOL", 1},   [TWN_DT_U8] = {"U8", 1},
-    [TWN_DT_I8] = {"I8", 1},       [TWN_DT_F8_E5M2] = {"F8_E5M2", 1},
+    [TWN_DT_BOOL] = {"BOOL", 1},       [TWN_DT_U8] = {"U8", 1},
+    [TWN_DT_I8] = {"I8", 1},           [TWN_DT_F8_E5M2] = {"F8_E5M2", 1},
     [TWN_DT_F8_E4M3] = {"F8_E4M3", 1}, [TWN_DT_I16] = {"I16", 2},
-    [TWN_DT_U16] = {"U16", 2},     [TWN_DT_F16] = {"F16", 2},
-    [TWN_DT_BF16] = {"BF16", 2},   [TWN_DT_I32] = {"I32", 4},
-    [TWN_DT_U32] = {"U32", 4},     [TWN_DT_F32] = {"F32", 4},
-    [TWN_DT_F64] = {"F64", 8},     [TWN_DT_I64] = {"I64", 8},
+    [TWN_DT_U16] = {"U16", 2},         [TWN_DT_F16] = {"F16", 2},
+    [TWN_DT_BF16] = {"BF16", 2},       [TWN_DT_I32] = {"I32", 4},
+    [TWN_DT_U32] = {"U32", 4},         [TWN_DT_F32] = {"F32", 4},
+    [TWN_DT_F64] = {"F64", 8},         [TWN_DT_I64] = {"I64", 8},
     [TWN_DT_U64] = {"U64", 8},
 };
 
-size_t twn_dtype_size(twn_dtype dt) { return (unsigned)dt < TWN_DT_COUNT ? dtypes[dt].size : 0; }
+size_t twn_dtype_size(twn_dtype dt) {
+    return (unsigned)dt < TWN_DT_COUNT ? dtypes[dt].size : 0;
+}
 
 const char *twn_dtype_name(twn_dtype dt) {
     return (unsigned)dt < TWN_DT_COUNT ? dtypes[dt].name : "?";
@@ -52,7 +54,9 @@ const char *twn_shape_str(const twn_tensor *t, char *buf, size_t n) {
 int twn_tensor_to_f32(const twn_tensor *t, float *dst, twn_err *err) {
     int64_t n = twn_tensor_numel(t);
     switch (t->dtype) {
-    case TWN_DT_F32: memcpy(dst, t->data, (size_t)n * 4); return 0;
+    case TWN_DT_F32:
+        memcpy(dst, t->data, (size_t)n * 4);
+        return 0;
     case TWN_DT_BF16: {
         const uint16_t *s = t->data;
         for (int64_t i = 0; i < n; i++) dst[i] = twn_bf16_to_f32(s[i]);
@@ -100,14 +104,17 @@ float twn_f16_to_f32(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
     uint32_t u;
     if (exp == 0) {
-        if (man == 0) u = sign;
+        if (man == 0)
+            u = sign;
         else { /* subnormal: value = man * 2^-24 */
             float f = ldexpf((float)man, -24);
             memcpy(&u, &f, 4);
             u |= sign;
         }
-    } else if (exp == 31) u = sign | 0x7f800000u | (man << 13);
-    else u = sign | ((exp + 112) << 23) | (man << 13);
+    } else if (exp == 31)
+        u = sign | 0x7f800000u | (man << 13);
+    else
+        u = sign | ((exp + 112) << 23) | (man << 13);
     float f;
     memcpy(&f, &u, 4);
     return f;
@@ -120,7 +127,7 @@ uint16_t twn_f32_to_f16(float f) {
     uint32_t a = u & 0x7fffffffu;
     if (a > 0x7f800000u) return (uint16_t)(sign | 0x7e00u);
     if (a >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u); /* overflow -> inf (RNE boundary) */
-    if (a < 0x38800000u) {                                     /* subnormal or zero in f16 */
+    if (a < 0x38800000u) {                                   /* subnormal or zero in f16 */
         float af;
         memcpy(&af, &a, 4);
         return (uint16_t)(sign | (uint32_t)lrintf(af * 16777216.0f)); /* 2^24, RNE */

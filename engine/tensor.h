@@ -57,7 +57,8 @@ const char *twn_shape_str(const twn_tensor *t, char *buf, size_t n);
 int twn_tensor_to_f32(const twn_tensor *t, float *dst, twn_err *err);
 
 /* Checks ndim and each dim (-1 = any); on mismatch the message names `what`, the tensor and both
- * shapes, e.g. "base/model.safetensors: lm_head.weight has shape [10, 4], expected [151936, 64]". */
+ * shapes, e.g. "base/model.safetensors: lm_head.weight has shape [10, 4], expected [151936, 64]".
+ */
 int twn_tensor_expect(const twn_tensor *t, const char *what, int ndim, const int64_t *shape,
                       twn_err *err);
 

@@ -967,8 +967,7 @@ static int give_up(twn_role_conn *c, held *h, twn_err *err) {
     char why[96];
     overdue_why(c, clock_overdue(c, h->l->lease_id), why, sizeof why);
     twn_log(TWN_LOG_WARN, "%s: unit %llu: lease %llu %s; its results are left to the next holder",
-            c->cfg->id, (unsigned long long)h->l->unit_id, (unsigned long long)h->l->lease_id,
-            why);
+            c->cfg->id, (unsigned long long)h->l->unit_id, (unsigned long long)h->l->lease_id, why);
     return lease_end(c, h, 1, err);
 }
 

@@ -354,10 +354,10 @@ static int parse_item(const char *line, size_t len, const char *where, char **id
         *think = (uint32_t)t;
         float dummy = 0;
         twn_index_item it = {.id = json_string_value(jid),
-                       .id_len = *id_len,
-                       .vec = &dummy,
-                       .route = *route,
-                       .p_think = *p_think};
+                             .id_len = *id_len,
+                             .vec = &dummy,
+                             .route = *route,
+                             .p_think = *p_think};
         if (!rc && *route == 255)
             rc = twn_err_set(err, "%s: route \"%s\", expected \"easy\" or \"hard\"", where, r);
         if (!rc && twn_item_check(&it, 0, err)) rc = twn_err_wrap(err, "%s", where);

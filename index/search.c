@@ -281,11 +281,11 @@ int twn_index_merge(const char *const *dirs, int n, const char *outdir, const tw
             if (row >= 0) { /* the later shard's copy wins, in the first copy's row */
                 twn_store_get_f32(p[s].st, i, 1, v);
                 twn_index_item it = {.id = r.id,
-                               .id_len = r.id_len,
-                               .vec = v,
-                               .route = r.route,
-                               .p_think = r.p_think,
-                               .think_tokens = r.think_tokens};
+                                     .id_len = r.id_len,
+                                     .vec = v,
+                                     .route = r.route,
+                                     .p_think = r.p_think,
+                                     .think_tokens = r.think_tokens};
                 twn_store_update(u, row, &it);
                 info->duplicates++;
                 continue;

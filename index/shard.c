@@ -105,9 +105,10 @@ static int apply_batch(twn_shard *s, const twn_index_item *items, const int64_t 
     int replay = fids != NULL;
     int trained = faiss_Index_is_trained(s->index);
     int64_t n_before = twn_store_count(s->st);
-    int64_t *touched = twn_malloc((n ? n : 1) * sizeof *touched);   /* rows, first-touch order */
-    const twn_index_item **last = twn_malloc((n ? n : 1) * sizeof *last); /* latest item per touched */
-    int64_t *removed = twn_malloc((n ? n : 1) * sizeof *removed);   /* FAISS ids to remove */
+    int64_t *touched = twn_malloc((n ? n : 1) * sizeof *touched); /* rows, first-touch order */
+    const twn_index_item **last =
+        twn_malloc((n ? n : 1) * sizeof *last);                   /* latest item per touched */
+    int64_t *removed = twn_malloc((n ? n : 1) * sizeof *removed); /* FAISS ids to remove */
     size_t nt = 0, nr = 0;
     twn_i64map pos = {0}; /* row -> index in touched */
     int rc = 0;

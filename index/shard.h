@@ -89,7 +89,8 @@ int twn_shard_open(const char *dir, const twn_shard_opts *opts, twn_shard **out,
 
 /* Validates the whole batch first (a bad item fails the call with its id in the message and
  * nothing applied), then logs and applies it.  acks (may be NULL) has n entries. */
-int twn_shard_add(twn_shard *s, const twn_index_item *items, size_t n, twn_shard_ack *acks, twn_err *err);
+int twn_shard_add(twn_shard *s, const twn_index_item *items, size_t n, twn_shard_ack *acks,
+                  twn_err *err);
 
 /* Group commit: one fsync for everything added so far.  *durable: the highest durable seq. */
 int twn_shard_commit(twn_shard *s, uint64_t *durable, twn_err *err);

@@ -581,7 +581,8 @@ static int flush_pending(twn_wal *w, twn_err *err) {
     return rc ? set_failed(w, err) : 0;
 }
 
-int twn_wal_append(twn_wal *w, int64_t faiss_id, const twn_index_item *it, uint64_t *seq, twn_err *err) {
+int twn_wal_append(twn_wal *w, int64_t faiss_id, const twn_index_item *it, uint64_t *seq,
+                   twn_err *err) {
     if (twn_item_check(it, (int)w->o.dim, err)) return -1;
     return twn_wal_append_valid(w, faiss_id, it, seq, err);
 }

@@ -110,7 +110,8 @@ int twn_wal_open(const char *dir, const twn_wal_opts *opts, twn_wal_apply_fn fn,
 
 /* Buffers one record (validated with twn_item_check) and returns its sequence number in *seq.
  * Not durable until a commit covers it. */
-int twn_wal_append(twn_wal *w, int64_t faiss_id, const twn_index_item *it, uint64_t *seq, twn_err *err);
+int twn_wal_append(twn_wal *w, int64_t faiss_id, const twn_index_item *it, uint64_t *seq,
+                   twn_err *err);
 
 /* Same, for callers that already validated the item with twn_item_check (the shard checks whole
  * batches before logging any of them). */

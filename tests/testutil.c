@@ -56,8 +56,10 @@ int tu_run(const char *cmd, char **out) {
     }
     buf[n] = 0;
     int st = pclose(p);
-    if (out) *out = buf;
-    else free(buf);
+    if (out)
+        *out = buf;
+    else
+        free(buf);
     return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
 }
 

@@ -21,7 +21,8 @@ int tu_run(const char *cmd, char **out);
 /* Max |a-b| / max(|b|, floor) over n elements. */
 double tu_max_rel(const float *a, const float *b, size_t n, double floor);
 double tu_max_abs(const float *a, const float *b, size_t n);
-/* Builds (once per process) the tiny test checkpoint with `twn mkmodel` and returns its directory. */
+/* Builds (once per process) the tiny test checkpoint with `twn mkmodel` and returns its directory.
+ */
 const char *tu_tiny_model(void);
 
 #endif

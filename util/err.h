@@ -18,7 +18,8 @@ typedef struct twn_err {
 /* Sets the message (printf-style) and returns -1, so `return twn_err_set(err, ...)` reads well. */
 int twn_err_set(twn_err *err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
-/* Prefixes context to an existing message: "loading base/config.json: " + old message.  Returns -1. */
+/* Prefixes context to an existing message: "loading base/config.json: " + old message.  Returns -1.
+ */
 int twn_err_wrap(twn_err *err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 /* Sets the message from errno: "<what>: <strerror(errno)>".  Returns -1. */

@@ -97,10 +97,12 @@ int twn_mkdirs(const char *path, twn_err *err) {
     for (char *p = buf + 1; *p; p++) {
         if (*p != '/') continue;
         *p = 0;
-        if (mkdir(buf, 0755) != 0 && errno != EEXIST) return twn_err_errno(err, "cannot create %s", buf);
+        if (mkdir(buf, 0755) != 0 && errno != EEXIST)
+            return twn_err_errno(err, "cannot create %s", buf);
         *p = '/';
     }
-    if (mkdir(buf, 0755) != 0 && errno != EEXIST) return twn_err_errno(err, "cannot create %s", buf);
+    if (mkdir(buf, 0755) != 0 && errno != EEXIST)
+        return twn_err_errno(err, "cannot create %s", buf);
     return 0;
 }
 

@@ -88,4 +88,6 @@ int twn_strmap_get(const twn_strmap *m, const char *key, size_t klen, int64_t *v
     return 1;
 }
 
-size_t twn_strmap_count(const twn_strmap *m) { return m->count; }
+size_t twn_strmap_count(const twn_strmap *m) {
+    return m->count;
+}

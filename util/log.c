@@ -11,9 +11,15 @@
 static twn_log_level g_level = TWN_LOG_INFO;
 static int g_json = 0;
 
-void twn_log_set_level(twn_log_level level) { g_level = level; }
-void twn_log_set_json(int json) { g_json = json; }
-twn_log_level twn_log_get_level(void) { return g_level; }
+void twn_log_set_level(twn_log_level level) {
+    g_level = level;
+}
+void twn_log_set_json(int json) {
+    g_json = json;
+}
+twn_log_level twn_log_get_level(void) {
+    return g_level;
+}
 
 static const char *names[] = {"debug", "info", "warn", "error"};
 
@@ -39,9 +45,12 @@ void twn_log(twn_log_level level, const char *fmt, ...) {
                    ts.tv_nsec / 1000000, names[level]);
     for (const char *p = msg; *p; p++) {
         unsigned char c = (unsigned char)*p;
-        if (c == '"' || c == '\\') twn_str_printf(&line, "\\%c", c);
-        else if (c < 0x20) twn_str_printf(&line, "\\u%04x", c);
-        else twn_str_append(&line, p, 1);
+        if (c == '"' || c == '\\')
+            twn_str_printf(&line, "\\%c", c);
+        else if (c < 0x20)
+            twn_str_printf(&line, "\\u%04x", c);
+        else
+            twn_str_append(&line, p, 1);
     }
     twn_str_puts(&line, "\"}\n");
     fputs(line.v, stderr);

@@ -29,7 +29,9 @@ void *twn_realloc(void *p, size_t n) {
     return q;
 }
 
-char *twn_strdup(const char *s) { return twn_strndup(s, strlen(s)); }
+char *twn_strdup(const char *s) {
+    return twn_strndup(s, strlen(s));
+}
 
 char *twn_strndup(const char *s, size_t n) {
     char *d = twn_malloc(n + 1);
@@ -38,7 +40,9 @@ char *twn_strndup(const char *s, size_t n) {
     return d;
 }
 
-void twn_free(void *p) { free(p); }
+void twn_free(void *p) {
+    free(p);
+}
 
 void *twn_try_alloc(size_t n) {
     void *p = NULL;

@@ -2,7 +2,8 @@
  *
  * Small bookkeeping allocations abort on failure (there is nothing sensible to do when a 100-byte
  * malloc fails).  Large buffers whose size comes from input (tensors, images, KV caches) use
- * twn_try_alloc so the caller can report "cannot allocate 12 GiB for <what>" as an ordinary error. */
+ * twn_try_alloc so the caller can report "cannot allocate 12 GiB for <what>" as an ordinary error.
+ */
 #ifndef TWN_UTIL_MEM_H
 #define TWN_UTIL_MEM_H
 

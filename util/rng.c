@@ -14,7 +14,9 @@ void twn_rng_seed(twn_rng *r, uint64_t seed) {
     for (int i = 0; i < 4; i++) r->s[i] = splitmix64(&seed);
 }
 
-static inline uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+static inline uint64_t rotl(uint64_t x, int k) {
+    return (x << k) | (x >> (64 - k));
+}
 
 uint64_t twn_rng_u64(twn_rng *r) {
     uint64_t *s = r->s;
@@ -29,7 +31,9 @@ uint64_t twn_rng_u64(twn_rng *r) {
     return result;
 }
 
-double twn_rng_uniform(twn_rng *r) { return (double)(twn_rng_u64(r) >> 11) * 0x1.0p-53; }
+double twn_rng_uniform(twn_rng *r) {
+    return (double)(twn_rng_u64(r) >> 11) * 0x1.0p-53;
+}
 
 double twn_rng_normal(twn_rng *r) {
     double u1 = twn_rng_uniform(r), u2 = twn_rng_uniform(r);

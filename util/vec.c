@@ -13,7 +13,9 @@ static size_t grow(size_t cap, size_t need) {
     return c;
 }
 
-void twn_ivec_push(twn_ivec *a, int32_t x) { twn_ivec_append(a, &x, 1); }
+void twn_ivec_push(twn_ivec *a, int32_t x) {
+    twn_ivec_append(a, &x, 1);
+}
 
 void twn_ivec_append(twn_ivec *a, const int32_t *x, size_t n) {
     if (a->n + n > a->cap) {
@@ -54,7 +56,9 @@ void twn_str_append(twn_str *s, const char *p, size_t n) {
     s->v[s->n] = 0;
 }
 
-void twn_str_puts(twn_str *s, const char *p) { twn_str_append(s, p, strlen(p)); }
+void twn_str_puts(twn_str *s, const char *p) {
+    twn_str_append(s, p, strlen(p));
+}
 
 void twn_str_printf(twn_str *s, const char *fmt, ...) {
     va_list ap;

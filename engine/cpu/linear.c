@@ -6,8 +6,8 @@
 /* Below this many rows, one sgemv per row beats sgemm NT's packing cost. */
 #define TWN_GEMV_MAX_ROWS 6
 
-void twn_cpu_linear(const float *X, int M, int K, int ldx, const float *W, int N, float *Y,
-                    int ldy, float alpha, float beta) {
+void twn_cpu_linear(const float *X, int M, int K, int ldx, const float *W, int N, float *Y, int ldy,
+                    float alpha, float beta) {
     if (M <= 0) return;
     if (M <= TWN_GEMV_MAX_ROWS) {
         for (int i = 0; i < M; i++)

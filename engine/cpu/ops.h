@@ -11,8 +11,8 @@
 /* Y[M,N] = alpha * X[M,K] · W[N,K]^T + beta * Y, with leading dimensions ldx, ldy (elements).
  * Small M uses sgemv per row: sgemm's packing of W costs ~3 ms per 2048² matrix whatever M is
  * (cpu-baselines.md §1), so decode steps must not pay it. */
-void twn_cpu_linear(const float *X, int M, int K, int ldx, const float *W, int N, float *Y,
-                    int ldy, float alpha, float beta);
+void twn_cpu_linear(const float *X, int M, int K, int ldx, const float *W, int N, float *Y, int ldy,
+                    float alpha, float beta);
 
 /* Qwen3VLTextRMSNorm in fp32: out = x * rsqrt(mean(x^2) + eps) * w, over `dim`, for `rows` rows
  * spaced `stride` apart (in-place allowed). */

@@ -30,9 +30,15 @@ static void mutate_and_run(const uint8_t *seed, size_t n) {
         int k = 1 + (int)(next() % 4);
         for (int j = 0; j < k; j++) {
             switch (next() % 4) {
-            case 0: if (m) buf[next() % m] ^= (uint8_t)(1u << (next() % 8)); break;
-            case 1: if (m) m = next() % m; break;
-            case 2: if (m) buf[next() % m] = (uint8_t)next(); break;
+            case 0:
+                if (m) buf[next() % m] ^= (uint8_t)(1u << (next() % 8));
+                break;
+            case 1:
+                if (m) m = next() % m;
+                break;
+            case 2:
+                if (m) buf[next() % m] = (uint8_t)next();
+                break;
             case 3:
                 if (m && m * 2 < cap) {
                     size_t a = next() % m, len = next() % (m - a + 1);

@@ -47,14 +47,16 @@ static twn_lm *make_lm(uint64_t seed) {
     int sec[3] = {4, 2, 2};
     for (int j = 0; j < D / 2; j++) {
         lm->inv_freq[j] = 1.0f / powf(5e6f, (float)(2 * j) / D);
-        lm->rope_stream[j] = (j % 3 == 1 && j < 3 * sec[1]) ? 1 : (j % 3 == 2 && j < 3 * sec[2]) ? 2 : 0;
+        lm->rope_stream[j] = (j % 3 == 1 && j < 3 * sec[1])   ? 1
+                             : (j % 3 == 2 && j < 3 * sec[2]) ? 2
+                                                              : 0;
     }
     return lm;
 }
 
-static const char *const projn[TWN_NPROJ] = {"self_attn.q_proj", "self_attn.k_proj",
-                                             "self_attn.v_proj", "self_attn.o_proj",
-                                             "mlp.gate_proj",    "mlp.up_proj", "mlp.down_proj"};
+static const char *const projn[TWN_NPROJ] = {
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+    "mlp.gate_proj",    "mlp.up_proj",      "mlp.down_proj"};
 
 static twn_adapter *make_adapter(const char *name, uint64_t seed) {
     twn_rng g;
@@ -95,15 +97,17 @@ static void free_adapter(twn_adapter *a) {
     twn_free(a);
 }
 
-static void free_lm(twn_lm *lm) { twn_lm_free(lm); }
+static void free_lm(twn_lm *lm) {
+    twn_lm_free(lm);
+}
 
 /* Runs one sequence alone in one prefill; returns final hidden rows [n,H] and last logits. */
 static void run_single(const twn_lm *lm, const int32_t *ids, int n, int adapter, float *hid,
                        float *logits) {
     twn_kv kv;
     twn_kv_init(&kv, lm);
-    twn_lm_seq s = {.kv = &kv, .n = n, .ids = ids, .adapter = adapter, .hidden = hid,
-                    .logits = logits};
+    twn_lm_seq s = {
+        .kv = &kv, .n = n, .ids = ids, .adapter = adapter, .hidden = hid, .logits = logits};
     twn_err e;
     if (twn_lm_forward(lm, &s, 1, NULL, NULL, &e)) fail_msg("%s", e.msg);
     twn_kv_free(&kv);
@@ -134,8 +138,12 @@ static void test_kv_decode_equals_recompute(void **st) {
     twn_lm_seq s = {.kv = &kv, .n = 12, .ids = toks, .adapter = TWN_NO_ADAPTER, .hidden = step};
     assert_int_equal(twn_lm_forward(lm, &s, 1, NULL, NULL, &e), 0);
     for (int t = 12; t < n; t++) {
-        twn_lm_seq d = {.kv = &kv, .n = 1, .ids = &toks[t], .adapter = TWN_NO_ADAPTER,
-                        .hidden = step + (size_t)t * H, .logits = logit};
+        twn_lm_seq d = {.kv = &kv,
+                        .n = 1,
+                        .ids = &toks[t],
+                        .adapter = TWN_NO_ADAPTER,
+                        .hidden = step + (size_t)t * H,
+                        .logits = logit};
         assert_int_equal(twn_lm_forward(lm, &d, 1, NULL, NULL, &e), 0);
     }
     assert_int_equal(kv.len, n);
@@ -160,8 +168,12 @@ static void test_ragged_batch_equals_singles(void **st) {
         batch[i] = twn_malloc(sizeof(float) * lens[i] * H);
         run_single(lm, toks + offs[i], lens[i], TWN_NO_ADAPTER, single[i], ls[i]);
         twn_kv_init(&kv[i], lm);
-        s[i] = (twn_lm_seq){.kv = &kv[i], .n = lens[i], .ids = toks + offs[i],
-                            .adapter = TWN_NO_ADAPTER, .hidden = batch[i], .logits = lb[i]};
+        s[i] = (twn_lm_seq){.kv = &kv[i],
+                            .n = lens[i],
+                            .ids = toks + offs[i],
+                            .adapter = TWN_NO_ADAPTER,
+                            .hidden = batch[i],
+                            .logits = lb[i]};
     }
     twn_err e;
     assert_int_equal(twn_lm_forward(lm, s, 4, NULL, NULL, &e), 0);
@@ -186,7 +198,10 @@ static void test_chunked_prefill(void **st) {
     twn_err e;
     for (int a = 0; a < n;) {
         int m = a == 0 ? 9 : 11 < n - a ? 11 : n - a;
-        twn_lm_seq s = {.kv = &kv, .n = m, .ids = toks + a, .adapter = TWN_NO_ADAPTER,
+        twn_lm_seq s = {.kv = &kv,
+                        .n = m,
+                        .ids = toks + a,
+                        .adapter = TWN_NO_ADAPTER,
                         .hidden = chunk + (size_t)a * H};
         assert_int_equal(twn_lm_forward(lm, &s, 1, NULL, NULL, &e), 0);
         a += m;
@@ -234,7 +249,10 @@ static void test_per_row_lora(void **st) {
         alone[i] = twn_malloc(sizeof(float) * lens[i] * H);
         merge[i] = twn_malloc(sizeof(float) * lens[i] * H);
         twn_kv_init(&kv[i], lm);
-        s[i] = (twn_lm_seq){.kv = &kv[i], .n = lens[i], .ids = toks + offs[i], .adapter = ad[i],
+        s[i] = (twn_lm_seq){.kv = &kv[i],
+                            .n = lens[i],
+                            .ids = toks + offs[i],
+                            .adapter = ad[i],
                             .hidden = mixed[i]};
         run_single(lm, toks + offs[i], lens[i], ad[i], alone[i], NULL);
         twn_lm *mm = ad[i] == TWN_NO_ADAPTER ? make_lm(7) : merged(ad[i] == ie ? ea : ra);
@@ -245,7 +263,8 @@ static void test_per_row_lora(void **st) {
     for (int i = 0; i < 4; i++) {
         double r1 = tu_max_rel(mixed[i], alone[i], (size_t)lens[i] * H, 1.0);
         double r2 = tu_max_rel(mixed[i], merge[i], (size_t)lens[i] * H, 1.0);
-        printf("seq %d adapter %d: mixed vs alone %.3g, vs merged weights %.3g\n", i, ad[i], r1, r2);
+        printf("seq %d adapter %d: mixed vs alone %.3g, vs merged weights %.3g\n", i, ad[i], r1,
+               r2);
         assert_true(r1 < 1e-5);
         assert_true(r2 < 1e-4); /* merging rounds W + sBA in fp32: not bit-exact by design */
         twn_kv_free(&kv[i]);
@@ -296,8 +315,8 @@ static void test_mrope_positions(void **st) {
     run_single(lm, toks, n, TWN_NO_ADAPTER, a, NULL);
     twn_kv kv;
     twn_kv_init(&kv, lm);
-    twn_lm_seq s = {.kv = &kv, .n = n, .ids = toks, .pos = pos, .adapter = TWN_NO_ADAPTER,
-                    .hidden = b};
+    twn_lm_seq s = {
+        .kv = &kv, .n = n, .ids = toks, .pos = pos, .adapter = TWN_NO_ADAPTER, .hidden = b};
     twn_err e;
     assert_int_equal(twn_lm_forward(lm, &s, 1, NULL, NULL, &e), 0);
     assert_true(tu_max_rel(a, b, (size_t)n * H, 1e-3) < 1e-6);

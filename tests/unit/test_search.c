@@ -48,10 +48,10 @@ static void build_shards(const char *base, const char *tag, const char *factory,
         for (int i = 0; i < N; i++) {
             if (shard_of(i) != s) continue;
             twn_index_item it = {.id = ids[i],
-                           .vec = X + i * D,
-                           .route = (uint8_t)(i % 2),
-                           .p_think = (float)(i % 100) / 100,
-                           .think_tokens = (uint32_t)i};
+                                 .vec = X + i * D,
+                                 .route = (uint8_t)(i % 2),
+                                 .p_think = (float)(i % 100) / 100,
+                                 .think_tokens = (uint32_t)i};
             assert_int_equal(twn_shard_add(sh, &it, 1, NULL, &err), 0);
         }
         if (twn_shard_finish(sh, dirs[s], &err)) fail_msg("%s", err.msg);

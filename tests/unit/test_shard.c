@@ -47,10 +47,10 @@ static char ids[N][16];
 
 static twn_index_item item(int i, const float *vec) {
     return (twn_index_item){.id = ids[i],
-                      .vec = vec,
-                      .route = (uint8_t)(i % 2),
-                      .p_think = i % 3 ? (float)i / N : NAN,
-                      .think_tokens = (uint32_t)(i % 2 ? i : 0)};
+                            .vec = vec,
+                            .route = (uint8_t)(i % 2),
+                            .p_think = i % 3 ? (float)i / N : NAN,
+                            .think_tokens = (uint32_t)(i % 2 ? i : 0)};
 }
 
 static twn_shard_opts opts_for(const factory_case *c) {

@@ -187,8 +187,9 @@ static void test_same_update_topk(void **state) {
     twn_store *s = twn_store_new(3);
     twn_err err = {{0}};
     float a[3] = {1, 0, 0}, b[3] = {0, 1, 0}, c[3] = {0.6f, 0.8f, 0};
-    twn_index_item ia = {.id = "a", .vec = a, .p_think = NAN}, ib = {.id = "b", .vec = b, .route = 1},
-             ic = {.id = "c", .vec = c, .think_tokens = 5};
+    twn_index_item ia = {.id = "a", .vec = a, .p_think = NAN},
+                   ib = {.id = "b", .vec = b, .route = 1},
+                   ic = {.id = "c", .vec = c, .think_tokens = 5};
     assert_int_equal(twn_store_append(s, &ia, 1, &err), 0);
     assert_int_equal(twn_store_append(s, &ib, 2, &err), 1);
     assert_int_equal(twn_store_append(s, &ic, 3, &err), 2);
@@ -229,9 +230,10 @@ static void write_dir(const char *dir, twn_store **out) {
     twn_store *s = twn_store_new(4);
     twn_err err = {{0}};
     float v[3][4] = {{1, 0, 0, 0}, {0, 0.5f, -0.25f, 0.125f}, {0, 0, 0, 1}};
-    twn_index_item it[3] = {{.id = "a\"b", .vec = v[0], .route = 1, .p_think = 0.25f, .think_tokens = 7},
-                      {.id = "caf\xc3\xa9", .vec = v[1], .p_think = NAN},
-                      {.id = "z", .vec = v[2], .p_think = 0.1f}};
+    twn_index_item it[3] = {
+        {.id = "a\"b", .vec = v[0], .route = 1, .p_think = 0.25f, .think_tokens = 7},
+        {.id = "caf\xc3\xa9", .vec = v[1], .p_think = NAN},
+        {.id = "z", .vec = v[2], .p_think = 0.1f}};
     for (int i = 0; i < 3; i++)
         assert_int_equal(twn_store_append(s, &it[i], (int64_t)i * -1000 - 5, &err), i);
     FaissIndex *ix;

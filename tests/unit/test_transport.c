@@ -908,16 +908,15 @@ static void test_frame_opts_for(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_frame_opts_for),
-        cmocka_unit_test(test_frame_raw),         cmocka_unit_test(test_frame_zstd),
-        cmocka_unit_test(test_frame_oversized),   cmocka_unit_test(test_frame_corrupt),
-        cmocka_unit_test(test_msg_round_trip),    cmocka_unit_test(test_msg_refused),
-        cmocka_unit_test(test_endpoints),         cmocka_unit_test(test_sockets_inproc),
-        cmocka_unit_test(test_sockets_ipc),       cmocka_unit_test(test_sockets_tcp),
-        cmocka_unit_test(test_router_mandatory),  cmocka_unit_test(test_credit_flow),
-        cmocka_unit_test(test_peer_table),        cmocka_unit_test(test_heartbeat_expiry),
-        cmocka_unit_test(test_push_pull_vectors), cmocka_unit_test(test_raw_send_recv),
-        cmocka_unit_test(test_push_timeout),
+        cmocka_unit_test(test_frame_opts_for),   cmocka_unit_test(test_frame_raw),
+        cmocka_unit_test(test_frame_zstd),       cmocka_unit_test(test_frame_oversized),
+        cmocka_unit_test(test_frame_corrupt),    cmocka_unit_test(test_msg_round_trip),
+        cmocka_unit_test(test_msg_refused),      cmocka_unit_test(test_endpoints),
+        cmocka_unit_test(test_sockets_inproc),   cmocka_unit_test(test_sockets_ipc),
+        cmocka_unit_test(test_sockets_tcp),      cmocka_unit_test(test_router_mandatory),
+        cmocka_unit_test(test_credit_flow),      cmocka_unit_test(test_peer_table),
+        cmocka_unit_test(test_heartbeat_expiry), cmocka_unit_test(test_push_pull_vectors),
+        cmocka_unit_test(test_raw_send_recv),    cmocka_unit_test(test_push_timeout),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -32,10 +32,10 @@ static const twn_index_item *make_item(rec_buf *b, int i, int compressible) {
     snprintf(b->id, sizeof b->id, "item-%d", i);
     for (int j = 0; j < DIM; j++) b->vec[j] = compressible ? 0.5f : (float)i + (float)j / 8.0f;
     b->it = (twn_index_item){.id = b->id,
-                       .vec = b->vec,
-                       .route = (uint8_t)(i % 2),
-                       .p_think = (float)(i % 1000) / 1000.0f,
-                       .think_tokens = (uint32_t)(3 * i)};
+                             .vec = b->vec,
+                             .route = (uint8_t)(i % 2),
+                             .p_think = (float)(i % 1000) / 1000.0f,
+                             .think_tokens = (uint32_t)(3 * i)};
     return &b->it;
 }
 
