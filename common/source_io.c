@@ -233,19 +233,24 @@ static int cmp_kafka_order(const void *a, const void *b) {
     return (x->partition > y->partition) - (x->partition < y->partition);
 }
 
-static int plan_kafka(twn_srcio *io, const char *input, uint64_t unit_items, twn_src_units *out,
-                      size_t *n_kafka, twn_err *err) {
-    char topic[256];
+/* A kafka:// input of a plan: its topic (topic[256]), record format and the process's handle. */
+static int kafka_input(twn_srcio *io, const char *input, char *topic, twn_kafka_format *fmt,
+                       twn_kafka **k, twn_err *err) {
     int32_t part;
-    twn_kafka_format fmt;
-    twn_kafka *k;
-    if (twn_srcio_kafka_path(input, topic, sizeof topic, &part, err) ||
-        kafka_format(input, &fmt, err))
+    if (twn_srcio_kafka_path(input, topic, 256, &part, err) || kafka_format(input, fmt, err))
         return -1;
     if (part >= 0)
         return twn_err_set(err, "'%s': an input names a whole topic; expected kafka://%s", input,
                            topic);
-    if (twn_srcio_kafka(io, &k, err)) return -1;
+    return twn_srcio_kafka(io, k, err);
+}
+
+static int plan_kafka(twn_srcio *io, const char *input, uint64_t unit_items, twn_src_units *out,
+                      size_t *n_kafka, twn_err *err) {
+    char topic[256];
+    twn_kafka_format fmt;
+    twn_kafka *k;
+    if (kafka_input(io, input, topic, &fmt, &k, err)) return -1;
     twn_kafka_units ku = {0};
     if (twn_kafka_plan_units(k, topic, fmt, unit_items, io->cfg.kafka.group != NULL, &ku, err)) {
         twn_kafka_units_free(&ku);
@@ -307,16 +312,9 @@ static int plan_kafka_more(twn_srcio *io, const char *input, uint64_t unit_items
                            twn_src_units *plan, size_t max_new, size_t *n_new, int *truncated,
                            twn_err *err) {
     char topic[256];
-    int32_t part;
     twn_kafka_format fmt;
     twn_kafka *k;
-    if (twn_srcio_kafka_path(input, topic, sizeof topic, &part, err) ||
-        kafka_format(input, &fmt, err))
-        return -1;
-    if (part >= 0)
-        return twn_err_set(err, "'%s': an input names a whole topic; expected kafka://%s", input,
-                           topic);
-    if (twn_srcio_kafka(io, &k, err)) return -1;
+    if (kafka_input(io, input, topic, &fmt, &k, err)) return -1;
     twn_kafka_units ku = {0}, add = {0};
     if (twn_kafka_plan_units(k, topic, fmt, unit_items, io->cfg.kafka.group != NULL, &ku, err)) {
         twn_kafka_units_free(&ku);

@@ -513,4 +513,85 @@ static inline int ph_journal_counts(const char *path, int *done, int *finished, 
     return rc ? -1 : 0;
 }
 
+// ------------------------------------------------------------------------------------------------
+// A fake gate: a bare DEALER speaking the control protocol by hand, for tests that drive the
+// coordinator message by message
+
+typedef struct ph_fake_gate {
+    void *dealer;
+    twn_frame_opts fo;
+} ph_fake_gate;
+
+/* A DEALER with routing id "fake-gate" connected to the coordinator's control endpoint ctl. */
+static inline ph_fake_gate ph_fake_gate_open(void *zctx, const char *ctl) {
+    ph_fake_gate g = {0};
+    g.fo = twn_frame_opts_default();
+    twn_sock_opts so = twn_sock_opts_default();
+    so.linger_ms = 0;
+    so.routing_id = "fake-gate";
+    twn_err e;
+    g.dealer = twn_sock_new(zctx, ZMQ_DEALER, &so, &e);
+    if (!g.dealer) fail_msg("fake gate: %s", e.msg);
+    if (twn_sock_connect(g.dealer, ctl, &e)) fail_msg("fake gate: %s", e.msg);
+    return g;
+}
+
+static inline void ph_fake_gate_close(ph_fake_gate *g) {
+    twn_sock_close(g->dealer);
+    g->dealer = NULL;
+}
+
+/* Sends env to the coordinator (fails the test when it cannot). */
+static inline void ph_fg_send(ph_fake_gate *g, Twn__Envelope *env) {
+    twn_err e;
+    if (twn_send_msg(g->dealer, NULL, env, &g->fo, &e)) fail_msg("fake gate: %s", e.msg);
+}
+
+/* The next message of kind body within timeout_s (others are skipped), or NULL. */
+static inline Twn__Envelope *ph_fg_recv(ph_fake_gate *g, int body, double timeout_s) {
+    double end = twn_now() + timeout_s;
+    while (twn_now() < end) {
+        Twn__Envelope *m = NULL;
+        twn_err e;
+        twn_recv_status s = twn_recv_msg(g->dealer, 20, &g->fo, NULL, &m, &e);
+        if (s == TWN_RECV_FAIL) fail_msg("fake gate: %s", e.msg);
+        if (s != TWN_RECV_MSG) continue;
+        if ((int)m->body_case == body) return m;
+        twn_msg_free(m);
+    }
+    return NULL;
+}
+
+/* A fake coordinator's side of the join: waits (5 s) on ROUTER router for a gate's Hello,
+ * storing its peer id in *gate, and answers a Welcome with one shard at shard_endpoint and
+ * heartbeats every heartbeat_ms (declared dead only after 100 of them).  Returns the Hello's
+ * credits. */
+static inline uint32_t ph_fake_coord_welcome(void *router, twn_frame_opts *fo, twn_peer_id *gate,
+                                             const char *shard_endpoint, uint32_t heartbeat_ms) {
+    Twn__Envelope *m = NULL;
+    twn_err e;
+    for (;;) {
+        twn_recv_status s = twn_recv_msg(router, 5000, fo, gate, &m, &e);
+        if (s != TWN_RECV_MSG) fail_msg("no Hello from the gate: %s", e.msg);
+        if (m->body_case == TWN__ENVELOPE__BODY_HELLO) break;
+        twn_msg_free(m);
+    }
+    uint32_t credits = m->hello->credits;
+    twn_msg_free(m);
+    Twn__Welcome w = TWN__WELCOME__INIT;
+    w.accepted = 1;
+    w.job_id = (char *)"twn";
+    w.heartbeat_ms = heartbeat_ms;
+    w.missed_beats = 100;
+    w.shards = 1;
+    w.n_shard_endpoints = 1;
+    char *sep[1] = {(char *)shard_endpoint};
+    w.shard_endpoints = sep;
+    Twn__Envelope env = TWN__ENVELOPE__INIT;
+    env.body_case = TWN__ENVELOPE__BODY_WELCOME;
+    env.welcome = &w;
+    if (twn_send_msg(router, gate, &env, fo, &e)) fail_msg("fake coordinator: %s", e.msg);
+    return credits;
+}
+
 #endif

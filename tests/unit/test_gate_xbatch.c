@@ -250,28 +250,7 @@ static void test_abandoned_lease_in_a_mixed_pass(void **st) {
     ph_role_start(&g);
 
     /* Hello -> Welcome (heartbeats every 50 ms; declared dead only after 5 s of silence) */
-    Twn__Envelope *m = NULL;
-    for (;;) {
-        twn_recv_status s = twn_recv_msg(f->router, 5000, &f->fo, &f->gate, &m, &e);
-        if (s != TWN_RECV_MSG) fail_msg("no Hello from the gate: %s", e.msg);
-        if (m->body_case == TWN__ENVELOPE__BODY_HELLO) break;
-        twn_msg_free(m);
-    }
-    assert_int_equal(m->hello->credits, 8);
-    twn_msg_free(m);
-    Twn__Welcome w = TWN__WELCOME__INIT;
-    w.accepted = 1;
-    w.job_id = (char *)"twn";
-    w.heartbeat_ms = 50;
-    w.missed_beats = 100;
-    w.shards = 1;
-    w.n_shard_endpoints = 1;
-    char *sep[1] = {shard};
-    w.shard_endpoints = sep;
-    Twn__Envelope env = TWN__ENVELOPE__INIT;
-    env.body_case = TWN__ENVELOPE__BODY_WELCOME;
-    env.welcome = &w;
-    fake_send(f, &env);
+    assert_int_equal(ph_fake_coord_welcome(f->router, &f->fo, &f->gate, shard, 50), 8);
 
     /* L0 alone: the gate's first pass (5 x 40 ms).  L1..L5 come during it, so they share the
      * next pass (25 x 40 ms = 1 s).  L2 runs out 700 ms after it was sent (+ one heartbeat of

@@ -17,32 +17,7 @@
 #include "tests/unit/pipeline_harness.h"
 #include "util/clock.h"
 
-typedef struct fake_gate {
-    void *dealer;
-    twn_frame_opts fo;
-} fake_gate;
-
-static void fg_send(fake_gate *g, Twn__Envelope *env) {
-    twn_err e;
-    if (twn_send_msg(g->dealer, NULL, env, &g->fo, &e)) fail_msg("fake gate: %s", e.msg);
-}
-
-/* The next message of kind body within timeout_s (others are skipped), or NULL. */
-static Twn__Envelope *fg_recv(fake_gate *g, int body, double timeout_s) {
-    double end = twn_now() + timeout_s;
-    while (twn_now() < end) {
-        Twn__Envelope *m = NULL;
-        twn_err e;
-        twn_recv_status s = twn_recv_msg(g->dealer, 20, &g->fo, NULL, &m, &e);
-        if (s == TWN_RECV_FAIL) fail_msg("fake gate: %s", e.msg);
-        if (s != TWN_RECV_MSG) continue;
-        if ((int)m->body_case == body) return m;
-        twn_msg_free(m);
-    }
-    return NULL;
-}
-
-static void fg_hello(fake_gate *g, uint64_t join_id) {
+static void fg_hello(ph_fake_gate *g, uint64_t join_id) {
     Twn__Hello h = TWN__HELLO__INIT;
     h.role = TWN__ROLE__ROLE_GATE;
     h.id = (char *)"fake-gate";
@@ -52,13 +27,13 @@ static void fg_hello(fake_gate *g, uint64_t join_id) {
     Twn__Envelope env = TWN__ENVELOPE__INIT;
     env.body_case = TWN__ENVELOPE__BODY_HELLO;
     env.hello = &h;
-    fg_send(g, &env);
+    ph_fg_send(g, &env);
 }
 
 /* A unit lease: its id, unit and attempt (fails the test when none comes within 5 s). */
-static void fg_lease(fake_gate *g, const char *what, uint64_t *lease, uint64_t *unit,
+static void fg_lease(ph_fake_gate *g, const char *what, uint64_t *lease, uint64_t *unit,
                      uint32_t *attempt) {
-    Twn__Envelope *m = fg_recv(g, TWN__ENVELOPE__BODY_UNIT_LEASE, 5.0);
+    Twn__Envelope *m = ph_fg_recv(g, TWN__ENVELOPE__BODY_UNIT_LEASE, 5.0);
     if (!m) fail_msg("%s: no UnitLease within 5 s", what);
     *lease = m->unit_lease->lease_id;
     *unit = m->unit_lease->unit_id;
@@ -91,19 +66,11 @@ static void test_hello_again(void **st) {
     c.cc.cs.unit_lease.heartbeat_s = 10;
     ph_role_start(&c);
 
-    fake_gate g = {0};
-    g.fo = twn_frame_opts_default();
-    twn_sock_opts so = twn_sock_opts_default();
-    so.linger_ms = 0;
-    so.routing_id = "fake-gate";
-    twn_err e;
-    g.dealer = twn_sock_new(zctx, ZMQ_DEALER, &so, &e);
-    assert_non_null(g.dealer);
-    assert_int_equal(twn_sock_connect(g.dealer, ctl, &e), 0);
+    ph_fake_gate g = ph_fake_gate_open(zctx, ctl);
     Twn__Envelope *m = NULL;
     for (int tries = 0; tries < 50 && !m; tries++) { /* the ROUTER may not be bound yet */
         fg_hello(&g, 0x1234);
-        m = fg_recv(&g, TWN__ENVELOPE__BODY_WELCOME, 0.2);
+        m = ph_fg_recv(&g, TWN__ENVELOPE__BODY_WELCOME, 0.2);
     }
     assert_non_null(m);
     assert_true(m->welcome->accepted);
@@ -116,11 +83,11 @@ static void test_hello_again(void **st) {
 
     /* the same join's Hello again: a Welcome, no lease (its credit is in use), nothing ended */
     fg_hello(&g, 0x1234);
-    m = fg_recv(&g, TWN__ENVELOPE__BODY_WELCOME, 5.0);
+    m = ph_fg_recv(&g, TWN__ENVELOPE__BODY_WELCOME, 5.0);
     assert_non_null(m);
     assert_true(m->welcome->accepted);
     twn_msg_free(m);
-    m = fg_recv(&g, TWN__ENVELOPE__BODY_UNIT_LEASE, 0.5);
+    m = ph_fg_recv(&g, TWN__ENVELOPE__BODY_UNIT_LEASE, 0.5);
     if (m)
         fail_msg("the same join's Hello got unit %llu leased again (attempt %u)",
                  (unsigned long long)m->unit_lease->unit_id, m->unit_lease->attempt);
@@ -128,7 +95,7 @@ static void test_hello_again(void **st) {
 
     /* a new join (a restart): the lease of the previous one ends and its unit comes again */
     fg_hello(&g, 0x5678);
-    m = fg_recv(&g, TWN__ENVELOPE__BODY_WELCOME, 5.0);
+    m = ph_fg_recv(&g, TWN__ENVELOPE__BODY_WELCOME, 5.0);
     assert_non_null(m);
     twn_msg_free(m);
     fg_lease(&g, "new join", &lease2, &unit2, &attempt2);
@@ -142,7 +109,7 @@ static void test_hello_again(void **st) {
 
     stop = 1; /* the coordinator returns "stopped" */
     ph_role_join(&c, 30);
-    twn_sock_close(g.dealer);
+    ph_fake_gate_close(&g);
     zmq_ctx_term(zctx);
     assert_non_null(strstr(c.err.msg, "stopped"));
 }

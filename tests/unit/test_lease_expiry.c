@@ -150,45 +150,20 @@ static void test_hard_batch_lost_three_times(void **st) {
 // ------------------------------------------------------------------------------------------------
 // A lease given up by its holder
 
-typedef struct fake_gate {
-    void *dealer;
-    twn_frame_opts fo;
-} fake_gate;
-
-static void fg_send(fake_gate *g, Twn__Envelope *env) {
-    twn_err e;
-    if (twn_send_msg(g->dealer, NULL, env, &g->fo, &e)) fail_msg("fake gate: %s", e.msg);
-}
-
-/* The next message of kind body within timeout_s (others are skipped), or NULL. */
-static Twn__Envelope *fg_recv(fake_gate *g, int body, double timeout_s) {
-    double end = twn_now() + timeout_s;
-    while (twn_now() < end) {
-        Twn__Envelope *m = NULL;
-        twn_err e;
-        twn_recv_status s = twn_recv_msg(g->dealer, 20, &g->fo, NULL, &m, &e);
-        if (s == TWN_RECV_FAIL) fail_msg("fake gate: %s", e.msg);
-        if (s != TWN_RECV_MSG) continue;
-        if ((int)m->body_case == body) return m;
-        twn_msg_free(m);
-    }
-    return NULL;
-}
-
-static void fg_finished(fake_gate *g, uint64_t lease, int abandoned) {
+static void fg_finished(ph_fake_gate *g, uint64_t lease, int abandoned) {
     Twn__Finished f = TWN__FINISHED__INIT;
     f.lease_id = lease;
     f.abandoned = abandoned;
     Twn__Envelope env = TWN__ENVELOPE__INIT;
     env.body_case = TWN__ENVELOPE__BODY_FINISHED;
     env.finished = &f;
-    fg_send(g, &env);
+    ph_fg_send(g, &env);
     Twn__WorkRequest w = TWN__WORK_REQUEST__INIT;
     w.credits = 1;
     Twn__Envelope env2 = TWN__ENVELOPE__INIT;
     env2.body_case = TWN__ENVELOPE__BODY_WORK_REQUEST;
     env2.work_request = &w;
-    fg_send(g, &env2);
+    ph_fg_send(g, &env2);
 }
 
 /* Leases and acks wait long here (1000 s) and the peer counts as alive for 50 s: only the
@@ -217,15 +192,7 @@ static void test_abandoned_lease_leased_again(void **st) {
     ph_watchdog_start(&wd, &stop, NULL, "abandon", WATCHDOG_S, WATCHDOG_GRACE_S);
     ph_role_start(&c);
 
-    fake_gate g = {0};
-    g.fo = twn_frame_opts_default();
-    twn_sock_opts so = twn_sock_opts_default();
-    so.linger_ms = 0;
-    so.routing_id = "fake-gate";
-    twn_err e;
-    g.dealer = twn_sock_new(zctx, ZMQ_DEALER, &so, &e);
-    assert_non_null(g.dealer);
-    assert_int_equal(twn_sock_connect(g.dealer, ctl, &e), 0);
+    ph_fake_gate g = ph_fake_gate_open(zctx, ctl);
     Twn__Hello h = TWN__HELLO__INIT;
     h.role = TWN__ROLE__ROLE_GATE;
     h.id = (char *)"fake-gate";
@@ -236,8 +203,8 @@ static void test_abandoned_lease_leased_again(void **st) {
     env.hello = &h;
     Twn__Envelope *m = NULL;
     for (int tries = 0; tries < 50 && !m; tries++) { /* the ROUTER may not be bound yet */
-        fg_send(&g, &env);
-        m = fg_recv(&g, TWN__ENVELOPE__BODY_WELCOME, 0.2);
+        ph_fg_send(&g, &env);
+        m = ph_fg_recv(&g, TWN__ENVELOPE__BODY_WELCOME, 0.2);
     }
     assert_non_null(m);
     assert_true(m->welcome->accepted);
@@ -245,7 +212,7 @@ static void test_abandoned_lease_leased_again(void **st) {
     uint64_t unit = 0;
     char failure[256] = "";
     for (uint32_t attempt = 1; attempt <= 3 && !*failure; attempt++) {
-        m = fg_recv(&g, TWN__ENVELOPE__BODY_UNIT_LEASE, 5.0);
+        m = ph_fg_recv(&g, TWN__ENVELOPE__BODY_UNIT_LEASE, 5.0);
         if (!m) {
             snprintf(failure, sizeof failure,
                      "attempt %u: no UnitLease within 5 s of the abandoned one", attempt);
@@ -258,7 +225,7 @@ static void test_abandoned_lease_leased_again(void **st) {
         fg_finished(&g, m->unit_lease->lease_id, 1);
         twn_msg_free(m);
     }
-    m = *failure ? NULL : fg_recv(&g, TWN__ENVELOPE__BODY_SHUTDOWN, 5.0); /* the job is over */
+    m = *failure ? NULL : ph_fg_recv(&g, TWN__ENVELOPE__BODY_SHUTDOWN, 5.0); /* the job is over */
     if (!*failure && !m)
         snprintf(failure, sizeof failure, "no Shutdown within 5 s of the third abandoned lease");
     if (m) {
@@ -270,12 +237,12 @@ static void test_abandoned_lease_leased_again(void **st) {
         Twn__Envelope be = TWN__ENVELOPE__INIT;
         be.body_case = TWN__ENVELOPE__BODY_SHUTDOWN;
         be.shutdown = &sd;
-        fg_send(&g, &be);
+        ph_fg_send(&g, &be);
     } else {
         stop = 1; /* the coordinator returns "stopped" */
     }
     ph_role_join(&c, WATCHDOG_S + WATCHDOG_GRACE_S); /* the watchdog ends a hang first */
-    twn_sock_close(g.dealer);
+    ph_fake_gate_close(&g);
     zmq_ctx_term(zctx);
     if (ph_watchdog_end(&wd)) fail_msg("abandon: the job did not finish within %d s", WATCHDOG_S);
     if (*failure) fail_msg("%s", failure);

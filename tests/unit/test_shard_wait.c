@@ -34,6 +34,7 @@
 #include "gate_service/gate.h"
 #include "tests/testutil.h"
 #include "tests/unit/corpus.h"
+#include "tests/unit/pipeline_harness.h"
 #include "util/clock.h"
 #include "util/mem.h"
 
@@ -158,27 +159,7 @@ static fake *fake_start(const char *tag) {
     pthread_create(&f->wd, NULL, watchdog_main, (void *)tag);
     pthread_create(&f->th, NULL, gate_main, g);
 
-    Twn__Envelope *m = NULL;
-    for (;;) {
-        twn_recv_status s = twn_recv_msg(f->router, 5000, &f->fo, &f->gate, &m, &e);
-        if (s != TWN_RECV_MSG) fail_msg("no Hello from the gate: %s", e.msg);
-        if (m->body_case == TWN__ENVELOPE__BODY_HELLO) break;
-        twn_msg_free(m);
-    }
-    twn_msg_free(m);
-    Twn__Welcome w = TWN__WELCOME__INIT;
-    w.accepted = 1;
-    w.job_id = (char *)"twn";
-    w.heartbeat_ms = 100;
-    w.missed_beats = 100;
-    w.shards = 1;
-    w.n_shard_endpoints = 1;
-    char *sep[1] = {shard};
-    w.shard_endpoints = sep;
-    Twn__Envelope env = TWN__ENVELOPE__INIT;
-    env.body_case = TWN__ENVELOPE__BODY_WELCOME;
-    env.welcome = &w;
-    fake_send(f, &env);
+    ph_fake_coord_welcome(f->router, &f->fo, &f->gate, shard, 100);
 
     Twn__SourceRef s = TWN__SOURCE_REF__INIT;
     twn_srcio_buf sb;
